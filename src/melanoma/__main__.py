@@ -1,0 +1,3 @@
+from melanoma.cli import main
+
+main()

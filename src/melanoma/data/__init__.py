@@ -1,0 +1,1 @@
+"""Data: sources -> preprocessing -> archive, with splits and downloads."""

@@ -1,0 +1,1 @@
+"""Modeling: models, training, evaluation, prediction and explanations."""
