@@ -4,6 +4,9 @@ saying so, where it is absent (CI always has it)."""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,91 @@ def ham_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def isic2019_csv_dir(shared_data: Path) -> Path:
     return shared_data / "isic2019"
+
+
+# ---- data: a small real archive for the tests of training, prediction and serving
+SMALL_HAM_PER_CLASS = 57  # x 7 classes = 399 images; the rarest class (df) has 115
+
+
+@pytest.fixture(scope="session")
+def small_ham_archive(ham_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of an archive of 399 real HAM10000 images at 64 px: 57 of each of the 7
+    classes (chosen at random, seed 0), split 70/15/15 grouped by lesion. Open it with
+    ``melanoma.data.archive.open_archive``."""
+    from melanoma.data.archive import build_archive
+    from melanoma.data.preprocess import PreprocessParams
+    from melanoma.data.sources import read_dataset
+
+    dataset = read_dataset(ham_dir)
+    dataset.manifest = (
+        dataset.manifest.groupby("label").sample(n=SMALL_HAM_PER_CLASS, random_state=0)
+        .sort_values("image_id").reset_index(drop=True)
+    )
+    out = tmp_path_factory.mktemp("small_ham") / "archive"
+    build_archive(dataset, out, PreprocessParams(image_size=64), seed=0, val_fraction=0.15, test_fraction=0.15,
+                  test_where=None, workers=2, progress=False)
+    return out
+
+
+# ---- explain: run the `melanoma` command in this process (no TensorFlow start-up per call)
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """``cli("predict", "--run", run, image)`` runs ``melanoma.cli.main()`` as the console
+    script does: user mistakes give exit code 2 and a message; any other exception (a
+    traceback for the user) propagates and fails the test."""
+    from melanoma import cli as cli_module
+
+    for console in (cli_module.console, cli_module.out):  # no line wrapping inside messages
+        monkeypatch.setattr(console, "width", 250)
+
+    def run(*args: str | Path) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["melanoma", *map(str, args)])
+        capsys.readouterr()
+        try:
+            cli_module.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+# ---- serving: real images of different classes, for the API, server and browser tests
+@pytest.fixture(scope="session")
+def ham_images_by_class(ham_dir: Path) -> dict[str, Path]:
+    """One real HAM10000 image per class (the first of each dx in the metadata), by dx."""
+    import csv
+
+    chosen: dict[str, Path] = {}
+    with open(ham_dir / "HAM10000_metadata.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["dx"] not in chosen:
+                chosen[row["dx"]] = next(ham_dir.glob(f"HAM10000_images_part_*/{row['image_id']}.jpg"))
+    return chosen
+
+
+# ---- train: a trained and evaluated run for the tests of prediction, explanation and serving
+@pytest.fixture(scope="session")
+def trained_run(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a finished, evaluated run (metrics.json, report, figures, ISIC predictions):
+    the small CNN trained for 1 epoch on ``small_ham_archive`` (64 px, seed 0). Its
+    accuracy is near chance: it is for testing the plumbing, not the model."""
+    from melanoma.data.archive import open_archive
+    from melanoma.modeling.evaluate import evaluate_run
+    from melanoma.modeling.train import train
+
+    archive = open_archive(small_ham_archive)
+    run_dir = tmp_path_factory.mktemp("runs") / "cnn-1-epoch"
+    train(archive, run_dir, model_name="cnn", weights="none", epochs=1, batch_size=32, learning_rate=1e-3, seed=0,
+          progress=False)
+    evaluate_run(run_dir, archive, "test", target_sensitivity=0.741, bootstrap_samples=50, seed=0)
+    return run_dir

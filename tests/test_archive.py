@@ -1,0 +1,155 @@
+"""The archive (melanoma.data.archive) and the synthetic demo set, built in tmp folders
+from real HAM10000 images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from melanoma.data import archive as archive_module
+from melanoma.data.archive import build_archive, open_archive
+from melanoma.data.preprocess import PreprocessParams, load_image
+from melanoma.data.sources import read_dataset
+from melanoma.data.synthetic import LOOKS, make_synthetic_dataset
+from melanoma.errors import DataError
+
+HEADER_KEYS = {"format_version", "source", "synthetic", "classes", "class_counts", "split_counts", "preprocess", "seed",
+               "val_fraction", "test_fraction", "test_where", "n_images", "sha256", "versions", "created", "skipped"}
+SPLIT_OPTIONS = dict(seed=0, val_fraction=0.2, test_fraction=0.2, test_where=None)
+
+
+@pytest.fixture
+def real_folder(ham_dir: Path, tmp_path: Path) -> Path:
+    """Folder-per-class layout: 12 real images of each of mel, nv and bkl (symlinks),
+    and one truncated JPEG among the nevi."""
+    metadata = pd.read_csv(ham_dir / "HAM10000_metadata.csv")
+    root = tmp_path / "folder"
+    for dx in ("mel", "nv", "bkl"):
+        (root / dx).mkdir(parents=True)
+        for image_id in metadata.loc[metadata["dx"] == dx, "image_id"].iloc[:12]:
+            source = next(ham_dir.glob(f"HAM10000_images_part_*/{image_id}.jpg"))
+            (root / dx / source.name).symlink_to(source)
+    data = next(ham_dir.glob("HAM10000_images_part_1/*.jpg")).read_bytes()
+    (root / "nv" / "ISIC_0000000_truncated.jpg").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.mark.realdata
+def test_build_and_open(real_folder: Path, tmp_path: Path) -> None:
+    params = PreprocessParams(image_size=48)
+    dataset = read_dataset(real_folder)
+    summary = build_archive(dataset, tmp_path / "archive", params, workers=2, progress=False, **SPLIT_OPTIONS)
+    archive = open_archive(tmp_path / "archive", verify=True)
+
+    assert HEADER_KEYS <= set(archive.header) and archive.header["source"] == "folder"
+    assert not archive.header["synthetic"] and archive.header["preprocess"] == params.to_dict()
+    assert archive.images.shape == (36, 48, 48, 3) and isinstance(archive.images, np.memmap)
+    assert archive.header["class_counts"] == {"bkl": 12, "mel": 12, "nv": 12}
+    assert list(archive.manifest.columns[:6]) == ["image_id", "label", "label_index", "group_id", "split", "path"]
+    # Every row holds the image its manifest row names, also after the bad row was dropped.
+    for row in archive.manifest.itertuples():
+        assert np.array_equal(archive.images[row.Index], load_image(row.path, params))
+        assert archive.classes[archive.labels[row.Index]] == row.label
+    skipped = pd.read_csv(tmp_path / "archive" / "skipped.csv")
+    assert skipped["path"].str.endswith("ISIC_0000000_truncated.jpg").tolist() == [True]
+    assert "truncated" in skipped["reason"].iloc[0].lower()
+
+    indices = np.concatenate([archive.indices(s) for s in ("train", "val", "test")])
+    assert sorted(indices) == list(range(36))
+    assert summary.counts.to_numpy().sum() == 36 and len(summary.skipped) == 1 and not summary.reused
+    assert not (tmp_path / "archive.partial").exists()
+
+
+@pytest.mark.realdata
+def test_reuse_refuse_and_force(real_folder: Path, tmp_path: Path) -> None:
+    dataset = read_dataset(real_folder)
+    out = tmp_path / "archive"
+    build_archive(dataset, out, PreprocessParams(image_size=32), workers=1, progress=False, **SPLIT_OPTIONS)
+    created = json.loads((out / "header.json").read_text())["created"]
+    again = build_archive(dataset, out, PreprocessParams(image_size=32), workers=1, progress=False, **SPLIT_OPTIONS)
+    assert again.reused and again.n_images == 36
+    with pytest.raises(DataError, match="other data or parameters") as error:
+        build_archive(dataset, out, PreprocessParams(image_size=40), workers=1, progress=False, **SPLIT_OPTIONS)
+    assert "--force" in error.value.hint
+    build_archive(dataset, out, PreprocessParams(image_size=40), workers=1, progress=False, force=True, **SPLIT_OPTIONS)
+    rebuilt = open_archive(out, verify=True)
+    assert rebuilt.images.shape[1] == 40 and rebuilt.header["created"] >= created
+    assert not (tmp_path / "archive.old").exists()
+
+
+@pytest.mark.realdata
+def test_open_archive_refuses_damaged_archives(small_ham_archive: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(small_ham_archive, copy)
+    open_archive(copy, verify=True)
+
+    with open(copy / "images.npy", "r+b") as images:  # one flipped byte in the pixels
+        images.seek(-1, 2)
+        last = images.read(1)
+        images.seek(-1, 2)
+        images.write(bytes([last[0] ^ 0xFF]))
+    open_archive(copy)  # shapes still agree: only verify reads the pixels
+    with pytest.raises(DataError, match="sha256 of images.npy differs"):
+        open_archive(copy, verify=True)
+
+    manifest = pd.read_csv(copy / "manifest.csv")
+    manifest.iloc[:-1].to_csv(copy / "manifest.csv", index=False)
+    with pytest.raises(DataError, match="manifest.csv has 398 rows, the header says 399"):
+        open_archive(copy)
+
+    (copy / "header.json").unlink()
+    with pytest.raises(DataError, match="not a prepared archive"):
+        open_archive(copy)
+    (tmp_path / "copy.partial").mkdir()
+    with pytest.raises(DataError, match="interrupted run") as error:
+        open_archive(copy)
+    assert "again" in error.value.hint
+
+
+@pytest.mark.realdata
+def test_checks_before_any_work(real_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = read_dataset(real_folder)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(DataError, match="Cannot write the archive"):
+        build_archive(dataset, a_file / "archive", PreprocessParams(image_size=32), workers=1, **SPLIT_OPTIONS)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(archive_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(DataError, match=r"Not enough free disk space .* needs 0.00 GB, 0.00 GB are free"):
+        build_archive(dataset, tmp_path / "archive", PreprocessParams(image_size=32), workers=1, **SPLIT_OPTIONS)
+    assert not (tmp_path / "archive.partial" / "images.npy").exists()
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="not empty and is not an archive"):
+        build_archive(dataset, tmp_path / "taken", PreprocessParams(image_size=32), workers=1, force=True,
+                      **SPLIT_OPTIONS)
+    assert (tmp_path / "taken" / "thesis.tex").read_text() == "precious"
+
+
+def test_synthetic_set_is_labelled_and_learnable(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    root = make_synthetic_dataset(tmp_path / "synthetic", n_per_class=15, seed=0, size=96)
+    dataset = read_dataset(root)
+    assert dataset.source == "synthetic" and dataset.classes == sorted(LOOKS)
+    assert len(dataset.manifest) == 15 * len(LOOKS)
+    build_archive(dataset, tmp_path / "archive", PreprocessParams(image_size=32), workers=1, progress=False,
+                  **SPLIT_OPTIONS)
+    archive = open_archive(tmp_path / "archive")
+    assert archive.header["synthetic"] is True and archive.header["source"] == "synthetic"
+    # The classes differ visibly: even a linear model on 8x8 thumbnails tells them apart.
+    thumbs = np.stack([cv2.resize(image, (8, 8), interpolation=cv2.INTER_AREA) for image in archive.images])
+    features = thumbs.reshape(len(thumbs), -1) / 255.0
+    assert cross_val_score(LogisticRegression(max_iter=2000), features, archive.labels, cv=3).mean() > 0.9
+    with pytest.raises(DataError, match="not a synthetic data set"):
+        make_synthetic_dataset(tmp_path / "archive", n_per_class=1, seed=0, size=32)
