@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     runs_dir: Path = Field(Path("models"), description="Where each training run gets its own folder.")
     reports_dir: Path = Field(Path("reports"), description="Where reports and figures are written.")
     weights_dir: Path = Field(Path("models/weights"), description="Cache of converted pretrained weights.")
+    synthetic_dir: Path = Field(Path("data/synthetic"), description="Where the demo writes its synthetic images.")
 
     # Data and preprocessing
     source: Literal["auto", "isic2019", "ham10000", "isic2020", "folder"] = "auto"
@@ -62,11 +63,17 @@ class Settings(BaseSettings):
     augment: bool = True
     early_stopping_patience: int = Field(8, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0, description="Stop training after this many minutes.")
+    freeze_epochs: int = Field(2, ge=0, description="Pretrained backbones: epochs that train the new head only.")
     tensorboard: bool = False
 
     # Evaluation
     target_sensitivity: float = Field(0.741, gt=0, lt=1, description="Melanoma operating point (Brinker 2019).")
     bootstrap_samples: int = Field(1000, ge=0)
+
+    # Demo: a run short enough to watch, on real data when there is some.
+    demo_epochs: int = Field(8, ge=1)
+    demo_time_limit_minutes: float = Field(4.0, gt=0)
+    demo_synthetic_per_class: int = Field(80, ge=10)
 
     # Serving
     host: str = "127.0.0.1"

@@ -43,8 +43,8 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_run(run_dir: Path) -> RunInfo:
-    """Read a run folder, with a clear error if it is not a (finished) run."""
+def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    """The run's ``run.json`` (also of an unfinished run), with a clear error if absent or corrupt."""
     run_dir = Path(run_dir)
     meta_path = run_dir / RUN_FILE
     if not run_dir.is_dir():
@@ -53,6 +53,19 @@ def read_run(run_dir: Path) -> RunInfo:
         raise ModelError(f"{run_dir} is not a training run: {RUN_FILE} is missing.")
     try:
         meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{meta_path} is corrupt: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_path} is corrupt: not a JSON object.")
+    return meta
+
+
+def read_run(run_dir: Path) -> RunInfo:
+    """Read a run folder, with a clear error if it is not a (finished) run."""
+    run_dir = Path(run_dir)
+    meta = read_run_meta(run_dir)
+    meta_path = run_dir / RUN_FILE
+    try:
         params = PreprocessParams.from_dict(meta["preprocess"])
         classes = list(meta["classes"])
         image_size = int(meta["image_size"])

@@ -263,6 +263,23 @@ def find_examples(run_dir: Path | None) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
 
 
+def add_examples(run_dir: Path, manifest: Any, *, split: str = "test", max_images: int = 4) -> list[Path]:
+    """Copy one held-out source image per class (up to ``max_images``) into the run's
+    ``examples/`` folder, so that the playground offers real images the model never saw."""
+    import shutil
+
+    folder = Path(run_dir) / EXAMPLES_DIR
+    folder.mkdir(exist_ok=True)
+    held_out = manifest[manifest["split"] == split]
+    copied = []
+    for _, row in held_out.groupby("label", sort=True).head(1).head(max_images).iterrows():
+        source = Path(row["path"])
+        target = folder / f"{row['label']}-{source.name}"
+        shutil.copyfile(source, target)
+        copied.append(target)
+    return copied
+
+
 def create_app(
     settings: Settings,
     *,

@@ -1,0 +1,154 @@
+"""Benchmark the training feed: memory-mapped archive vs in-memory array, and peak memory.
+
+In one run, on real images from a prepared archive:
+
+1. training images/s of the small CNN (with augmentation, as `melanoma train` fits it)
+   fed from the memory-mapped archive vs fed from the same training images held in
+   memory as one uint8 array (the baseline; the feed must reach >= 0.9 of it);
+2. peak RSS of a fresh process that trains the CNN from an archive of 25,000 images at
+   224 px (built by repeating the real images, written straight into a memory-mapped
+   ``.npy``) vs the size of the naive float32 copy (computed, not attempted).
+   Target: under 3 GB.
+
+    .venv/bin/python benchmarks/train.py --archive data/archive [--steps 30] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+GB = 1e9
+
+
+def images_per_second(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, *, steps: int, batch_size: int) -> float:
+    """Fit ``steps`` batches of the CNN (after a warm-up that traces the graph) and time them."""
+    import keras
+
+    from melanoma.modeling.models import build_model
+    from melanoma.modeling.train import ArchiveFeed, compile_for_training, training_model
+
+    keras.utils.set_random_seed(0)
+    trainer = training_model(build_model("cnn", num_classes=int(labels.max()) + 1, image_size=images.shape[1]),
+                             augment=True, seed=0)
+    compile_for_training(trainer, 1e-3)
+    feed = ArchiveFeed(images, labels, rows, batch_size=batch_size, shuffle=True, seed=0)
+    trainer.fit(feed, epochs=1, steps_per_epoch=3, verbose=0)
+    started = time.perf_counter()
+    trainer.fit(feed, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def feed_comparison(archive_dir: Path, steps: int, batch_size: int, rounds: int) -> list[tuple[str, float]]:
+    from melanoma.data.archive import open_archive
+
+    archive = open_archive(archive_dir)
+    rows = archive.indices("train")
+    in_memory = np.ascontiguousarray(archive.images[rows])
+    labels_in_memory = archive.labels[rows]
+    results: dict[str, list[float]] = {"memory-mapped archive": [], "in-memory array (baseline)": []}
+    for _ in range(rounds):  # alternate, so that load from other processes hits both alike
+        results["memory-mapped archive"].append(
+            images_per_second(archive.images, archive.labels, rows, steps=steps, batch_size=batch_size))
+        results["in-memory array (baseline)"].append(
+            images_per_second(in_memory, labels_in_memory, np.arange(len(rows)), steps=steps, batch_size=batch_size))
+    return [(name, float(np.median(values))) for name, values in results.items()]
+
+
+def build_big_archive(source_dir: Path, out: Path, n_images: int, size: int) -> Path:
+    """A raw ``.npy`` of ``n_images`` real images at ``size`` px, by repeating the source's."""
+    import cv2
+
+    from melanoma.data.archive import open_archive
+
+    source = open_archive(source_dir)
+    resized = np.stack([cv2.resize(np.asarray(image), (size, size), interpolation=cv2.INTER_LINEAR)
+                        for image in source.images])
+    images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n_images, size, size, 3))
+    for start in range(0, n_images, len(resized)):
+        stop = min(n_images, start + len(resized))
+        images[start:stop] = resized[:stop - start]
+    images.flush()
+    del images
+    np.save(out.with_suffix(".labels.npy"), np.resize(source.labels, n_images))
+    return out
+
+
+def train_from_big_archive(path: Path, steps: int, batch_size: int) -> dict[str, float]:
+    """Runs in a fresh process: train the CNN from the memory-mapped big archive, report peak RSS."""
+    images = np.load(path, mmap_mode="r")
+    labels = np.load(path.with_suffix(".labels.npy"))
+    rate = images_per_second(images, labels, np.arange(len(images)), steps=steps, batch_size=batch_size)
+    return {"peak_rss_bytes": peak_rss_bytes(), "images_per_second": rate, "n_images": len(images), "size": images.shape[1]}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so the child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, default=Path("data/archive"), help="A prepared archive of real images.")
+    parser.add_argument("--steps", type=int, default=30, help="Timed training steps per measurement.")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds of the feed comparison (median).")
+    parser.add_argument("--big-images", type=int, default=25_000)
+    parser.add_argument("--big-size", type=int, default=224)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/melanoma-bench-train"))
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(train_from_big_archive(args.child, args.steps, args.batch_size)))
+        return
+
+    console = Console()
+    console.print(f"Feed comparison on {args.archive} ({args.steps} steps x {args.batch_size} images, {args.rounds} rounds) ...")
+    rates = feed_comparison(args.archive, args.steps, args.batch_size, args.rounds)
+    baseline = rates[1][1]
+    table = Table(title="Small CNN training throughput (with augmentation)")
+    for column in ("fed from", "images/s", "ratio to in-memory"):
+        table.add_column(column, justify="left" if column == "fed from" else "right")
+    for name, rate in rates:
+        table.add_row(name, f"{rate:.1f}", f"{rate / baseline:.2f}")
+    console.print(table)
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    big = args.workdir / f"big_{args.big_images}x{args.big_size}.npy"
+    console.print(f"Writing {args.big_images:,} images at {args.big_size} px into {big} ...")
+    build_big_archive(args.archive, big, args.big_images, args.big_size)
+    try:
+        child = subprocess.run([sys.executable, __file__, "--child", str(big), "--steps", str(args.steps),
+                                "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True)
+        measured = json.loads(child.stdout.strip().splitlines()[-1])
+    finally:
+        big.unlink(missing_ok=True)
+        big.with_suffix(".labels.npy").unlink(missing_ok=True)
+    naive = args.big_images * args.big_size ** 2 * 3 * 4
+    table = Table(title=f"Memory: training from {args.big_images:,} images at {args.big_size} px")
+    for column in ("way", "peak RSS", "note"):
+        table.add_column(column)
+    table.add_row("memory-mapped archive + per-batch float32 (measured)", f"{measured['peak_rss_bytes'] / GB:.2f} GB",
+                  f"{args.steps} steps, {measured['images_per_second']:.1f} img/s; target < 3 GB")
+    table.add_row("whole archive as float32 (naive, computed)", f"{naive / GB:.2f} GB", "not attempted")
+    table.add_row("whole archive as uint8 on disk", f"{naive / 4 / GB:.2f} GB", "memory-mapped, paged in on demand")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Training on real HAM10000 images: the run folder, checkpoints, resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import balanced_accuracy_score
+
+from melanoma.data.archive import open_archive
+from melanoma.errors import ModelError
+from melanoma.modeling.evaluate import predict_rows
+from melanoma.modeling.models import small_cnn
+from melanoma.modeling.train import ArchiveFeed, EpochReport, class_weights, train
+
+RUN_FILES = {"run.json", "model.keras", "last.keras", "config.json", "split.csv", "history.csv", "versions.json"}
+
+
+def test_feed_gathers_float_batches_of_the_requested_rows() -> None:
+    images = np.repeat(np.arange(10, dtype=np.uint8), 12).reshape(10, 2, 2, 3)  # every pixel = its row number
+    labels = np.arange(10) % 3
+    rows = np.array([7, 2, 5, 9, 0])
+    feed = ArchiveFeed(images, labels, rows, batch_size=2)
+    batches = [feed[i] for i in range(len(feed))]
+    assert [len(x) for x, _ in batches] == [2, 2, 1]
+    assert all(x.dtype == np.float32 for x, _ in batches)
+    gathered = np.concatenate([x[:, 0, 0, 0] for x, _ in batches]).astype(int)
+    assert sorted(gathered.tolist()) == sorted(rows.tolist())
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels[gathered])
+
+
+def test_shuffled_order_depends_only_on_seed_and_epoch() -> None:
+    images = np.zeros((100, 1, 1, 3), np.uint8)
+    labels = np.zeros(100, np.int64)
+    first = ArchiveFeed(images, labels, np.arange(100), batch_size=10, shuffle=True, seed=3)
+    first.on_epoch_end()
+    resumed = ArchiveFeed(images, labels, np.arange(100), batch_size=10, shuffle=True, seed=3, first_epoch=1)
+    np.testing.assert_array_equal(first.order, resumed.order)
+    assert not np.array_equal(first.order, ArchiveFeed(images, labels, np.arange(100), batch_size=10, shuffle=True, seed=3).order)
+
+
+def test_balanced_sampling_and_class_weights_even_out_classes() -> None:
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    weights = class_weights(labels, 3)
+    assert weights[2] == pytest.approx(90 * weights[0]) and np.mean([weights[k] for k in labels]) == pytest.approx(1)
+    from melanoma.modeling.train import balanced_sampling_probabilities
+
+    feed = ArchiveFeed(np.zeros((1000, 1, 1, 3), np.uint8), labels, np.arange(1000), batch_size=100, shuffle=True,
+                       seed=0, row_probabilities=balanced_sampling_probabilities(labels))
+    drawn = np.bincount(labels[feed.order], minlength=3) / 1000
+    np.testing.assert_allclose(drawn, 1 / 3, atol=0.06)
+
+
+@pytest.mark.realdata
+def test_run_folder_is_complete(trained_run: Path, small_ham_archive: Path) -> None:
+    assert RUN_FILES <= {path.name for path in trained_run.iterdir()}
+    meta = json.loads((trained_run / "run.json").read_text())
+    archive = open_archive(small_ham_archive)
+    assert meta["status"] == "complete" and meta["epochs_done"] == 1 and meta["model"] == "cnn"
+    assert meta["archive"]["sha256"] == archive.header["sha256"] and meta["classes"] == archive.classes
+    assert meta["image_size"] == 64 and meta["preprocess"] == archive.header["preprocess"]
+    assert meta["training"]["seed"] == 0 and meta["best"]["epoch"] == 1
+    split = pd.read_csv(trained_run / "split.csv")
+    assert split["image_id"].tolist() == archive.manifest["image_id"].tolist()
+    history = pd.read_csv(trained_run / "history.csv")
+    assert {"epoch", "loss", "val_loss", "val_bma", "val_mel_auc", "img_per_s", "lr"} <= set(history.columns)
+    assert len(history) == 1
+    versions = json.loads((trained_run / "versions.json").read_text())
+    assert {"python", "numpy", "keras"} <= set(versions)
+    assert "augmentation" not in {layer.name for layer in keras.models.load_model(trained_run / "model.keras").layers}
+
+
+@pytest.mark.realdata
+def test_best_checkpoint_reloads_to_the_recorded_predictions(trained_run: Path, small_ham_archive: Path) -> None:
+    archive = open_archive(small_ham_archive)
+    model = keras.models.load_model(trained_run / "model.keras")
+    val_rows = archive.indices("val")
+    val_bma = balanced_accuracy_score(archive.labels[val_rows], predict_rows(model, archive, val_rows).argmax(axis=1))
+    meta = json.loads((trained_run / "run.json").read_text())
+    assert val_bma == pytest.approx(meta["best"]["val_bma"], abs=1e-9)
+    recorded = pd.read_csv(trained_run / "predictions_test.csv")
+    probabilities = predict_rows(model, archive, archive.indices("test"))
+    np.testing.assert_allclose(recorded[["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]].to_numpy(),
+                               probabilities[:, [archive.classes.index(c) for c in ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")]],
+                               atol=2e-6)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_ham_archive: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = open_archive(small_ham_archive)
+    run = tmp_path / "run"
+    options = dict(model_name="cnn", weights="none", epochs=2, batch_size=64, learning_rate=1e-3, seed=1, progress=False)
+    begin_epoch = EpochReport.on_epoch_begin
+
+    def ctrl_c_in_second_epoch(self: EpochReport, epoch: int, logs: dict | None = None) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        begin_epoch(self, epoch, logs)
+
+    monkeypatch.setattr(EpochReport, "on_epoch_begin", ctrl_c_in_second_epoch)
+    interrupted = train(archive, run, **options)
+    monkeypatch.undo()
+    meta = json.loads((run / "run.json").read_text())
+    assert interrupted.status == meta["status"] == "interrupted" and meta["epochs_done"] == 1
+    assert (run / "last.keras").is_file() and len(pd.read_csv(run / "history.csv")) == 1
+    with pytest.raises(ModelError, match="unfinished run"):
+        train(archive, run, **options)
+
+    resumed = train(archive, run, resume=True, **options)
+    assert resumed.status == "complete" and resumed.epochs_done == 2
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["epochs_done"] == 2
+    with pytest.raises(ModelError, match="already complete"):
+        train(archive, run, resume=True, **options)
+
+
+@pytest.mark.realdata
+def test_cli_errors_are_clear(cli, small_ham_archive: Path, trained_run: Path, tmp_path: Path) -> None:
+    def fails(*args: str | Path, says: str) -> None:
+        result = cli("train", *args)
+        assert result.code == 2, result
+        assert says in result.stderr and "Traceback" not in result.stderr
+
+    fails("--archive", tmp_path / "nowhere", says="not a prepared archive")
+    fails("--archive", small_ham_archive, "--model", "resnet9000", "--run-dir", tmp_path / "a", says="Unknown model 'resnet9000'")
+    assert not (tmp_path / "a").exists()
+    weights = tmp_path / "cnn.weights.h5"
+    small_cnn(num_classes=7, image_size=64).save_weights(weights)
+    fails("--archive", small_ham_archive, "--model", "mobilenetv3small", "--weights", weights, "--run-dir", tmp_path / "b",
+          says=f"{weights}")
+    fails("--archive", small_ham_archive, "--run-dir", trained_run, says="already holds a finished run")
+    fails("--resume", says="--resume needs the --run-dir")
+
+
+@pytest.mark.realdata
+def test_cli_evaluate_and_runs_print_tables(cli, trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / trained_run.name
+    shutil.copytree(trained_run, run)
+    result = cli("evaluate", "--run", run, "--bootstrap", "20")
+    assert result.code == 0, result
+    assert "balanced multiclass accuracy" in result.stdout and f"{run / 'report.md'}" in result.stdout
+    listing = cli("runs", "--dir", tmp_path / "runs")
+    assert listing.code == 0 and trained_run.name in listing.stdout and "complete" in listing.stdout
