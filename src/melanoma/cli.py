@@ -243,9 +243,13 @@ MaxPixelsOption = Annotated[
     Optional[int], typer.Option(help="Refuse images with more pixels (default: max_pixels setting).")
 ]
 SegmentationOption = Annotated[
-    str, typer.Option("--segmentation", help="Superpixels for LIME: slic (fast) or quickshift.")
+    Optional[str], typer.Option("--segmentation", help="Superpixels for LIME: slic (fast) or quickshift "
+                                "(default: lime_segmentation setting).")
 ]
-SuperpixelsOption = Annotated[int, typer.Option("--superpixels", help="About how many superpixels SLIC makes.")]
+SuperpixelsOption = Annotated[
+    Optional[int], typer.Option("--superpixels", help="About how many superpixels SLIC makes "
+                                "(default: lime_superpixels setting).")
+]
 
 
 def _progress() -> Any:
@@ -254,10 +258,10 @@ def _progress() -> Any:
     return Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
 
 
-def _segmentation(algorithm: str, superpixels: int) -> Any:
+def _segmentation(settings: Settings) -> Any:
     from melanoma.modeling.explain import SegmentationParams
 
-    return SegmentationParams(algorithm=algorithm, n_segments=superpixels)
+    return SegmentationParams(algorithm=settings.lime_segmentation, n_segments=settings.lime_superpixels)
 
 
 @app.command("predict")
@@ -330,26 +334,27 @@ def explain(
     method: Annotated[str, typer.Option(help="lime, gradcam or both.")] = "both",
     samples: Annotated[Optional[int], typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="LIME seed: same seed, same explanation (default: seed setting).")] = None,
-    top_k: Annotated[int, typer.Option(help="Explain the k most probable classes.")] = 3,
+    top_k: Annotated[Optional[int], typer.Option(help="Explain the k most probable classes (default: explain_top_k).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs and the JSON "
                                                     "(default: <reports_dir>/explanations).")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer (default: the last convolutional one).")] = None,
-    segmentation: SegmentationOption = "slic",
-    superpixels: SuperpixelsOption = 50,
+    segmentation: SegmentationOption = None,
+    superpixels: SuperpixelsOption = None,
     max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Explain one prediction with LIME and/or Grad-CAM: figures (PNG) and numbers (JSON)."""
     from melanoma.modeling.explain import explain_file, parse_methods
     from melanoma.modeling.predict import Predictor
 
-    settings = settings_for(ctx, max_pixels=max_pixels, lime_max_samples=samples, seed=seed)
+    settings = settings_for(ctx, max_pixels=max_pixels, lime_max_samples=samples, seed=seed, explain_top_k=top_k,
+                            lime_segmentation=segmentation, lime_superpixels=superpixels)
     methods = parse_methods(method)
-    params = _segmentation(segmentation, superpixels)
+    params = _segmentation(settings)
     predictor = Predictor.from_run(run, max_pixels=settings.max_pixels)
     with console.status(f"Explaining {image.name} with {' and '.join(methods)} ..."):
         written = explain_file(
             predictor, image, methods=methods, out_dir=out_dir or settings.reports_dir / "explanations",
-            name=image.stem, num_samples=settings.lime_max_samples, seed=settings.seed, top_k=top_k,
+            name=image.stem, num_samples=settings.lime_max_samples, seed=settings.seed, top_k=settings.explain_top_k,
             segmentation=params, layer_name=layer,
         )
     for kind, path in written.items():
@@ -363,18 +368,19 @@ def explain_eval(
     archive_dir: Annotated[Optional[Path], typer.Option("--archive", help="Archive to draw images from "
                                                         "(default: the run's archive, else archive_dir).")] = None,
     split: Annotated[str, typer.Option(help="Split to draw images from.")] = "test",
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 50,
+    n: Annotated[Optional[int], typer.Option("--n", min=1, help="Number of images (default: explain_eval_images).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the image draw and the first LIME seed.")] = None,
-    segmentation: SegmentationOption = "slic",
-    superpixels: SuperpixelsOption = 50,
+    segmentation: SegmentationOption = None,
+    superpixels: SuperpixelsOption = None,
 ) -> None:
     """How far explanations can be trusted: deletion/insertion AUC and stability across seeds."""
     from melanoma.data.archive import open_archive
     from melanoma.modeling.explain import evaluate_explanations, sample_images, write_trust_report
     from melanoma.modeling.predict import Predictor
 
-    settings = settings_for(ctx, lime_max_samples=samples, seed=seed)
+    settings = settings_for(ctx, lime_max_samples=samples, seed=seed, explain_eval_images=n,
+                            lime_segmentation=segmentation, lime_superpixels=superpixels)
     predictor = Predictor.from_run(run)
     if archive_dir is None:
         from_run = Path(predictor.run.meta.get("archive", {}).get("path", ""))
@@ -383,12 +389,12 @@ def explain_eval(
     if archive.images.shape[1] != predictor.image_size:
         raise MelanomaError(f"Archive {archive_dir} holds {archive.images.shape[1]} px images, "
                             f"but run {run} was trained on {predictor.image_size} px.")
-    images, image_ids = sample_images(archive, split, n, settings.seed)
+    images, image_ids = sample_images(archive, split, settings.explain_eval_images, settings.seed)
     with _progress() as progress:
         task = progress.add_task(f"Explaining {len(images)} {split} images", total=len(images))
         report = evaluate_explanations(
             predictor, images, image_ids=image_ids, num_samples=settings.lime_max_samples, seed=settings.seed,
-            segmentation=_segmentation(segmentation, superpixels), on_progress=lambda k: progress.advance(task, k),
+            segmentation=_segmentation(settings), on_progress=lambda k: progress.advance(task, k),
         )
     table = Table(title=f"Explanation quality on {len(images)} {split} images of {archive_dir} "
                   f"(LIME {settings.lime_max_samples} samples)")

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     demo_time_limit_minutes: float = Field(4.0, gt=0)
     demo_synthetic_per_class: int = Field(80, ge=10)
 
+    # Explanations
+    explain_top_k: int = Field(3, ge=1, description="Explain the k most probable classes.")
+    lime_segmentation: Literal["slic", "quickshift"] = Field("slic", description="LIME superpixels (slic is faster).")
+    lime_superpixels: int = Field(50, ge=2, description="About how many superpixels SLIC makes.")
+    explain_eval_images: int = Field(50, ge=1, description="Images that `explain-eval` averages over.")
+
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
