@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -325,7 +326,7 @@ def _fill_images(partial: Path, paths: list[str], params: PreprocessParams, stat
     # forkserver, not fork: the parent may hold TensorFlow threads, which fork would break.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # workers start with OpenCV etc. imported
-    last_save = time.monotonic()
+    last_save = -math.inf  # the first finished task is checkpointed at once, then every few seconds
     columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task(description, total=len(status), completed=resumed_rows)
