@@ -122,3 +122,11 @@ def trained_run(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFactor
           progress=False)
     evaluate_run(run_dir, archive, "test", target_sensitivity=0.741, bootstrap_samples=50, seed=0)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def predictor(trained_run: Path):
+    """The ``trained_run`` model, loaded once for every test that predicts or explains."""
+    from melanoma.modeling.predict import Predictor
+
+    return Predictor.from_run(trained_run)

@@ -30,11 +30,6 @@ SAMPLES = 100
 
 
 @pytest.fixture(scope="module")
-def predictor(trained_run: Path) -> Predictor:
-    return Predictor.from_run(trained_run)
-
-
-@pytest.fixture(scope="module")
 def image(small_ham_archive: Path) -> np.ndarray:
     from melanoma.data.archive import open_archive
 

@@ -11,18 +11,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from test_preprocess import png_declaring
+from crafted_images import png_declaring
 
 from melanoma.errors import ImageError, ModelError
 from melanoma.modeling.evaluate import ISIC_COLUMNS
 from melanoma.modeling.predict import Predictor, tta_views
 
 pytestmark = pytest.mark.realdata
-
-
-@pytest.fixture(scope="module")
-def predictor(trained_run: Path) -> Predictor:
-    return Predictor.from_run(trained_run)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import cv2
@@ -27,6 +25,8 @@ from melanoma.data.preprocess import (
 )
 from melanoma.errors import ImageError, MelanomaError
 
+from crafted_images import encode, png_declaring
+
 PLAIN = dict(crop_vignette=False, color_constancy=False, hair_removal=False)
 
 
@@ -39,14 +39,6 @@ def lesion_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     image = skin * (1 - blob[..., None]) + brown * blob[..., None]
     image += cv2.GaussianBlur(rng.normal(0, 6, (height, width, 3)).astype(np.float32), (0, 0), 2)
     return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def encode(rgb: np.ndarray, ext: str = ".png", *params: int) -> bytes:
-    channels = rgb.shape[2] if rgb.ndim == 3 else 1
-    bgr = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}.get(channels)
-    ok, buffer = cv2.imencode(ext, cv2.cvtColor(rgb, bgr) if bgr is not None else rgb, list(params))
-    assert ok
-    return buffer.tobytes()
 
 
 def with_vignette(rgb: np.ndarray, radius: int) -> np.ndarray:
@@ -221,15 +213,6 @@ def test_16_bit_images_become_8_bit(channels: int) -> None:
 
 
 # ----------------------------------------------------------------------------- bad input
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims another size (the IHDR chunk's CRC kept valid)."""
-    data = bytearray(encode(np.zeros((8, 8), np.uint8)))
-    ihdr = 8 + 8  # signature, then length and type of the first chunk
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
-    return bytes(data)
-
-
 def bad_inputs() -> dict[str, tuple[bytes, str]]:
     jpeg = encode(lesion_image(120, 160), ".jpg", cv2.IMWRITE_JPEG_QUALITY, 95)
     png = encode(lesion_image(40, 40))

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from test_preprocess import png_declaring
+from crafted_images import png_declaring
 
 from melanoma.config import Settings
 from melanoma.errors import ModelError

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from test_preprocess import png_declaring
+from crafted_images import png_declaring
 
 from melanoma.config import Settings
 from melanoma.modeling.predict import Predictor
