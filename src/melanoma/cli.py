@@ -7,6 +7,7 @@ and the environment. Each command builds the effective :class:`Settings` with
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -617,7 +618,10 @@ def demo(
         )
         data_dir = make_synthetic_dataset(settings.synthetic_dir, settings.demo_synthetic_per_class,
                                           settings.seed, size=2 * settings.image_size)
-    prepare(ctx, data_dir=data_dir)
+    # The demo owns its archive folder: an archive of another data set there is replaced.
+    header = settings.archive_dir / "header.json"
+    other_data = header.is_file() and Path(json.loads(header.read_text()).get("data_root", "")).resolve() != data_dir.resolve()
+    prepare(ctx, data_dir=data_dir, force=other_data)
 
     run_dir = settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-demo-{settings.model}"
     out.print(f"[bold]2/4 Train[/]: at most {settings.demo_epochs} epochs or {settings.demo_time_limit_minutes:g} minutes.")
