@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from melanoma.data import archive as archive_module
-from melanoma.data.archive import build_archive, open_archive
+from melanoma.data.archive import build_archive, open_archive, read_rows
 from melanoma.data.preprocess import PreprocessParams, load_image
 from melanoma.data.sources import read_dataset
 from melanoma.data.synthetic import LOOKS, make_synthetic_dataset
@@ -111,6 +111,38 @@ def test_open_archive_refuses_damaged_archives(small_ham_archive: Path, tmp_path
     with pytest.raises(DataError, match="interrupted run") as error:
         open_archive(copy)
     assert "again" in error.value.hint
+
+
+def _resident_bytes_of(path: Path) -> int:
+    """How much of the file at ``path`` is mapped into this process's resident memory."""
+    resident, in_file = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            in_file = fields[-1] == str(path)
+        elif in_file and fields[0] == "Rss:":
+            resident += int(fields[1]) * 1024
+    return resident
+
+
+def test_read_rows_matches_indexing_without_keeping_pages(small_ham_archive: Path) -> None:
+    archive = open_archive(small_ham_archive)
+    rows = np.array([0, 7, 8, 150, len(archive.images) - 1])
+    assert np.array_equal(read_rows(archive.images, rows), archive.images[rows])
+    assert np.array_equal(read_rows(archive.images[5:], rows[:3]), archive.images[5:][rows[:3]])  # a slice of the map
+    in_memory = np.asarray(archive.images[:10])
+    assert np.array_equal(read_rows(in_memory, [3, 1]), in_memory[[3, 1]])
+    assert read_rows(archive.images, []).shape == (0, *archive.images.shape[1:])
+    with pytest.raises(IndexError, match="outside the archive"):
+        read_rows(archive.images, [len(archive.images)])
+
+    if Path("/proc/self/smaps").is_file():  # Linux: the file's pages stay out of this process
+        images_file = (small_ham_archive / "images.npy").resolve()
+        before = _resident_bytes_of(images_file)
+        read_rows(archive.images, np.arange(len(archive.images)))
+        assert _resident_bytes_of(images_file) == before
+        archive.images[np.arange(len(archive.images))]  # what indexing the map would have done
+        assert _resident_bytes_of(images_file) > before
 
 
 @pytest.mark.realdata

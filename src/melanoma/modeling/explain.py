@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from melanoma.data.archive import read_rows
 from melanoma.errors import MelanomaError, ModelError
 from melanoma.modeling.predict import Predictor, write_text
 from melanoma.modeling.runs import write_json
@@ -580,7 +581,7 @@ def sample_images(archive: Any, split: str, n: int, seed: int) -> tuple[np.ndarr
     if len(rows) == 0:
         raise MelanomaError(f"Archive {archive.path} has no images in the {split!r} split.")
     chosen = np.sort(np.random.default_rng(seed).choice(rows, size=min(n, len(rows)), replace=False))
-    return np.asarray(archive.images[chosen]), archive.manifest["image_id"].iloc[chosen].astype(str).tolist()
+    return read_rows(archive.images, chosen), archive.manifest["image_id"].iloc[chosen].astype(str).tolist()
 
 
 def write_trust_report(report: TrustReport, out_dir: Path, name: str = "explain_eval") -> tuple[Path, Path]:

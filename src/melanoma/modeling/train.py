@@ -50,7 +50,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from melanoma.data.archive import Archive
+from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, freeze_batchnorm, is_pretrainable
@@ -118,7 +118,7 @@ class ArchiveFeed(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         # Sorted rows read the memory map sequentially; the order inside a batch is irrelevant.
         rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        return self.images[rows].astype(np.float32), self.labels[rows]
+        return read_rows(self.images, rows).astype(np.float32), self.labels[rows]
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
