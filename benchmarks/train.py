@@ -9,6 +9,10 @@ In one run, on real images from a prepared archive:
    224 px (built by repeating the real images, written straight into a memory-mapped
    ``.npy``) vs the size of the naive float32 copy (computed, not attempted).
    Target: under 3 GB.
+3. training and inference speed of each model at the archive's size: the small CNN, and
+   EfficientNet-Lite0 trained from scratch, with its backbone frozen (the head-only phase
+   of fine-tuning) and fine-tuned whole with its BatchNorm frozen, as `melanoma train` does.
+   Random initial weights: the speed does not depend on their values.
 
     .venv/bin/python benchmarks/train.py --archive data/archive [--steps 30] [--workdir DIR]
 """
@@ -32,22 +36,79 @@ from rich.table import Table
 GB = 1e9
 
 
-def images_per_second(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, *, steps: int, batch_size: int) -> float:
-    """Fit ``steps`` batches of the CNN (after a warm-up that traces the graph) and time them."""
-    import keras
+def images_per_second(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, *, steps: int, batch_size: int,
+                      model_name: str = "cnn", backbone_trainable: bool | None = None) -> float:
+    """Fit ``steps`` batches of a model (after a warm-up that traces the graph) and time them.
 
-    from melanoma.modeling.models import build_model
-    from melanoma.modeling.train import ArchiveFeed, compile_for_training, training_model
+    ``backbone_trainable`` (backbones only): None trains every layer, as from scratch; False
+    and True are the two phases of fine-tuning, set as `melanoma train` sets them.
+    """
+    from melanoma.modeling.train import ArchiveFeed, compile_for_training, set_backbone_trainable, training_model
 
-    keras.utils.set_random_seed(0)
-    trainer = training_model(build_model("cnn", num_classes=int(labels.max()) + 1, image_size=images.shape[1]),
-                             augment=True, seed=0)
+    classifier = random_model(model_name, int(labels.max()) + 1, images.shape[1])
+    if backbone_trainable is not None:
+        set_backbone_trainable(classifier, backbone_trainable)
+    trainer = training_model(classifier, augment=True, seed=0)
     compile_for_training(trainer, 1e-3)
     feed = ArchiveFeed(images, labels, rows, batch_size=batch_size, shuffle=True, seed=0)
     trainer.fit(feed, epochs=1, steps_per_epoch=3, verbose=0)
     started = time.perf_counter()
     trainer.fit(feed, epochs=1, steps_per_epoch=steps, verbose=0)
     return steps * batch_size / (time.perf_counter() - started)
+
+
+def random_model(model_name: str, num_classes: int, image_size: int):
+    """The model with seeded random weights: speed does not depend on their values."""
+    import keras
+
+    from melanoma.modeling.models import build_model
+
+    keras.utils.set_random_seed(0)
+    return build_model(model_name, num_classes=num_classes, image_size=image_size, weights="none")
+
+
+def inference_speed(images: np.ndarray, model_name: str, num_classes: int, repeats: int) -> tuple[float, float]:
+    """Images/s predicting batches of 64, and the median milliseconds for one image."""
+    classifier = random_model(model_name, num_classes, images.shape[1])
+    batch = np.asarray(images[:64], dtype=np.float32)
+    classifier.predict_on_batch(batch), classifier.predict_on_batch(batch[:1])  # trace both shapes
+    started = time.perf_counter()
+    for _ in range(repeats):
+        classifier.predict_on_batch(batch)
+    rate = repeats * len(batch) / (time.perf_counter() - started)
+    single = []
+    for _ in range(10 * repeats):
+        started = time.perf_counter()
+        classifier.predict_on_batch(batch[:1])
+        single.append(time.perf_counter() - started)
+    return rate, float(np.median(single)) * 1000
+
+
+TRAINING_MODES = [  # (label, model, backbone_trainable)
+    ("small CNN", "cnn", None),
+    ("EfficientNet-Lite0 from scratch", "efficientnet-lite0", None),
+    ("EfficientNet-Lite0 head only (backbone frozen)", "efficientnet-lite0", False),
+    ("EfficientNet-Lite0 fine-tuned (BatchNorm frozen)", "efficientnet-lite0", True),
+]
+
+
+def model_speeds(archive, steps: int, batch_size: int, repeats: int) -> tuple[Table, Table]:
+    """Training and inference speed of each model, as two tables."""
+    rows, num_classes, size = archive.indices("train"), len(archive.classes), archive.images.shape[1]
+    training = Table(title=f"Training speed at {size} px (batches of {batch_size}, with augmentation)")
+    training.add_column("model")
+    training.add_column("images/s", justify="right")
+    for label, name, trainable in TRAINING_MODES:
+        rate = images_per_second(archive.images, archive.labels, rows, steps=steps, batch_size=batch_size,
+                                 model_name=name, backbone_trainable=trainable)
+        training.add_row(label, f"{rate:.1f}")
+    inference = Table(title=f"Inference speed at {size} px (Keras predict_on_batch)")
+    for column in ("model", "images/s in batches of 64", "one image (ms, median)"):
+        inference.add_column(column, justify="left" if column == "model" else "right")
+    for label, name in (("small CNN", "cnn"), ("EfficientNet-Lite0", "efficientnet-lite0")):
+        rate, one_ms = inference_speed(archive.images, name, num_classes, repeats)
+        inference.add_row(label, f"{rate:.0f}", f"{one_ms:.1f}")
+    return training, inference
 
 
 def feed_comparison(archive_dir: Path, steps: int, batch_size: int, rounds: int) -> list[tuple[str, float]]:
@@ -108,6 +169,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="Timed training steps per measurement.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds of the feed comparison (median).")
+    parser.add_argument("--repeats", type=int, default=10, help="Timed inference batches per model.")
     parser.add_argument("--big-images", type=int, default=25_000)
     parser.add_argument("--big-size", type=int, default=224)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/melanoma-bench-train"))
@@ -116,6 +178,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(train_from_big_archive(args.child, args.steps, args.batch_size)))
         return
+
+    from melanoma.data.archive import open_archive
 
     console = Console()
     console.print(f"Feed comparison on {args.archive} ({args.steps} steps x {args.batch_size} images, {args.rounds} rounds) ...")
@@ -127,6 +191,10 @@ def main() -> None:
     for name, rate in rates:
         table.add_row(name, f"{rate:.1f}", f"{rate / baseline:.2f}")
     console.print(table)
+
+    console.print(f"Training and inference speed per model ({args.steps} steps x {args.batch_size} images) ...")
+    for table in model_speeds(open_archive(args.archive), args.steps, args.batch_size, args.repeats):
+        console.print(table)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     big = args.workdir / f"big_{args.big_images}x{args.big_size}.npy"

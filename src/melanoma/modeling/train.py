@@ -400,7 +400,7 @@ def train(
             # A run resumed in the middle of a phase continues with the optimizer it saved.
             if not (resume and phase.start < first_epoch):
                 if phase.backbone_trainable is not None:
-                    _set_backbone_trainable(classifier, phase.backbone_trainable)
+                    set_backbone_trainable(classifier, phase.backbone_trainable)
                 compile_for_training(trainer, phase.learning_rate)
             head_only = phase.backbone_trainable is False
             schedule = _ConstantRate(phase.learning_rate) if head_only else CosineSchedule(
@@ -471,7 +471,7 @@ def compile_for_training(trainer: keras.Model, lr: float) -> None:
                     metrics=["accuracy"], jit_compile=False)
 
 
-def _set_backbone_trainable(classifier: keras.Model, trainable: bool) -> None:
+def set_backbone_trainable(classifier: keras.Model, trainable: bool) -> None:
     backbone = classifier.get_layer(BACKBONE_LAYER)
     backbone.trainable = trainable
     freeze_batchnorm(backbone)  # setting trainable above reached every layer, BatchNorm too
