@@ -96,7 +96,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_ham_archive: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     archive = open_archive(small_ham_archive)
     run = tmp_path / "run"
-    options = dict(model_name="cnn", weights="none", epochs=2, batch_size=64, learning_rate=1e-3, seed=1, progress=False)
+    # weights unset: the CNN, which has no pretrained weights, starts from random ones
+    options = dict(model_name="cnn", weights=None, epochs=2, batch_size=64, learning_rate=1e-3, seed=1, progress=False)
     begin_epoch = EpochReport.on_epoch_begin
 
     def ctrl_c_in_second_epoch(self: EpochReport, epoch: int, logs: dict | None = None) -> None:
@@ -109,6 +110,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_ham_archive: Path,
     monkeypatch.undo()
     meta = json.loads((run / "run.json").read_text())
     assert interrupted.status == meta["status"] == "interrupted" and meta["epochs_done"] == 1
+    assert meta["training"]["weights"] == "none"
     assert (run / "last.keras").is_file() and len(pd.read_csv(run / "history.csv")) == 1
     with pytest.raises(ModelError, match="unfinished run"):
         train(archive, run, **options)

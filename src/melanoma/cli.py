@@ -431,8 +431,8 @@ def train_command(
     ctx: typer.Context,
     archive: Annotated[Optional[Path], typer.Option(help="Archive from `melanoma prepare` (default: archive_dir setting; "
                                                          "with --resume, the run's own archive).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="cnn, efficientnet-lite0, efficientnetb0 or mobilenetv3small.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="imagenet, none, or a .weights.h5 file.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="efficientnet-lite0 (default; ImageNet-pretrained), cnn, efficientnetb0 or mobilenetv3small.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="imagenet, none, or a .weights.h5 file (default: imagenet for backbones, none for the CNN).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum number of epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per training step.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Starting learning rate (cosine decay).")] = None,

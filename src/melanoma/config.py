@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     test_where: str | None = Field(None, description="Put rows matching COLUMN=VALUE in the test split.")
 
     # Training
-    model: str = "cnn"
-    weights: str = Field("none", description="imagenet, none, or a path to a weights file.")
+    model: str = Field("efficientnet-lite0", description="The model to train (the pretrained backbone won on HAM10000; see README).")
+    weights: str | None = Field(None, description="imagenet, none, or a path to a weights file "
+                                "(unset: imagenet for the pretrained backbones, none for the CNN).")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)

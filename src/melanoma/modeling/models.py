@@ -45,6 +45,11 @@ def is_pretrainable(name: str) -> bool:
     return name in PRETRAINED_NAMES
 
 
+def default_weights(name: str) -> str:
+    """What a model starts from when no weights are named: ImageNet where there are some."""
+    return "imagenet" if is_pretrainable(name) else "none"
+
+
 def build_model(
     name: str,
     *,

@@ -53,7 +53,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
-from melanoma.modeling.models import BACKBONE_LAYER, build_model, freeze_batchnorm, is_pretrainable
+from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
 from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, write_json
 
 CONFIG_FILE = "config.json"
@@ -310,7 +310,7 @@ def train(
     run_dir: Path,
     *,
     model_name: str,
-    weights: str,
+    weights: str | Path | None,
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -332,6 +332,7 @@ def train(
     ``run_dir`` must be new (or empty), unless ``resume``: then it must hold an unfinished
     run of the same archive, which continues from its last checkpoint with the options it
     was started with (the arguments given here for those options are ignored).
+    ``weights`` None means :func:`~melanoma.modeling.models.default_weights` of the model.
     ``freeze_epochs`` applies to pretrained backbones only (``weights`` not "none"): their
     head trains alone for that many epochs at ``learning_rate``, then the whole network at a
     tenth of it (also from the start when ``freeze_epochs`` is 0). Ctrl-C saves ``last.keras``,
@@ -352,6 +353,7 @@ def train(
         meta["status"] = RUNNING
         write_json(run_dir / RUN_FILE, meta)
     else:
+        weights = default_weights(model_name) if weights is None else weights
         options = {
             "model": model_name, "weights": str(weights), "epochs": epochs, "batch_size": batch_size,
             "learning_rate": learning_rate, "seed": seed, "class_balance": class_balance, "augment": augment,
