@@ -152,3 +152,12 @@ def test_cli_evaluate_and_runs_print_tables(cli, trained_run: Path, tmp_path: Pa
     assert "balanced multiclass accuracy" in result.stdout and f"{run / 'report.md'}" in result.stdout
     listing = cli("runs", "--dir", tmp_path / "runs")
     assert listing.code == 0 and trained_run.name in listing.stdout and "complete" in listing.stdout
+
+    plain = pd.read_csv(run / "predictions_test.csv")
+    result = cli("evaluate", "--run", run, "--bootstrap", "20", "--tta")
+    assert result.code == 0, result
+    assert json.loads((run / "metrics.json").read_text())["tta"] is True
+    assert "8 flips/rotations (TTA)" in (run / "report.md").read_text()
+    averaged = pd.read_csv(run / "predictions_test.csv")
+    assert averaged["image"].tolist() == plain["image"].tolist()
+    assert not np.allclose(averaged.iloc[:, 1:], plain.iloc[:, 1:])  # the views did change the predictions

@@ -498,6 +498,7 @@ def evaluate_command(
     archive: Annotated[Optional[Path], typer.Option(help="Archive (default: the one the run was trained on).")] = None,
     bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap samples for the confidence intervals (0: none).")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(help="Melanoma sensitivity that sets the threshold (on val).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips/rotations of each image (8x the time).")] = False,
 ) -> None:
     """Evaluate a run: metrics.json, figures, report.md and ISIC-format predictions in the run folder."""
     from melanoma.data.archive import open_archive
@@ -509,9 +510,9 @@ def evaluate_command(
     opened = open_archive(archive or Path(info.meta["archive"]["path"]))
     with console.status(f"Evaluating {run} on the {split} split ..."):
         metrics = evaluate_run(run, opened, split, target_sensitivity=settings.target_sensitivity,
-                               bootstrap_samples=settings.bootstrap_samples, seed=settings.seed)
+                               bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, tta=tta)
     ci = metrics.get("ci", {})
-    table = Table(title=f"{info.run_id}: {split} split, {metrics['n_images']:,} images")
+    table = Table(title=f"{info.run_id}: {split} split, {metrics['n_images']:,} images" + (" (TTA)" if tta else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI (lesion bootstrap)", justify="right")

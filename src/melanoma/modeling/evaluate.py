@@ -233,18 +233,25 @@ def submission_table(image_ids: list[str], probabilities: np.ndarray, classes: l
     return table
 
 
-def predict_rows(model: Any, archive: Archive, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities of archive rows, read batch by batch from the memory map."""
+def predict_rows(model: Any, archive: Archive, rows: np.ndarray, batch_size: int = 64, *, tta: bool = False) -> np.ndarray:
+    """Class probabilities of archive rows, read batch by batch from the memory map;
+    ``tta`` averages them over the 8 flips/rotations of each image."""
+    from melanoma.modeling.predict import tta_views
     from melanoma.modeling.train import ArchiveFeed
 
     feed = ArchiveFeed(archive.images, archive.labels, rows, batch_size=batch_size)
-    return normalised(model.predict(feed, verbose=0))
+    if not tta:
+        return normalised(model.predict(feed, verbose=0))
+    batches = [np.mean([model.predict_on_batch(view) for view in tta_views(feed[index][0])], axis=0)
+               for index in range(len(feed))]
+    return normalised(np.concatenate(batches))
 
 
 def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target_sensitivity: float,
-                 bootstrap_samples: int, seed: int) -> dict[str, Any]:
+                 bootstrap_samples: int, seed: int, tta: bool = False) -> dict[str, Any]:
     """Evaluate a run's best model on ``split``: write ``metrics.json``, ``figures/*.png``,
-    ``report.md`` and ``predictions_<split>.csv`` into the run folder; return the metrics."""
+    ``report.md`` and ``predictions_<split>.csv`` into the run folder; return the metrics.
+    ``tta`` averages every prediction, validation ones included, over 8 flips/rotations."""
     import keras
 
     from melanoma import plots
@@ -255,16 +262,17 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     if len(rows) == 0:
         raise ModelError(f"The archive {archive.path} has no images in its {split!r} split.")
     model = keras.models.load_model(run.model_path, compile=False)
-    probabilities = predict_rows(model, archive, rows)
+    probabilities = predict_rows(model, archive, rows, tta=tta)
     labels = archive.labels[rows]
     classes = run.classes
     mel_index = melanoma_index(classes)
 
     metrics: dict[str, Any] = {"split": split, "n_images": int(len(rows)), "run_id": run.run_id,
-                               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed}
+                               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+                               "tta": tta}
     metrics.update(classification_metrics(labels, probabilities, classes))
     if mel_index is not None:
-        val_probabilities = probabilities if split == "val" else predict_rows(model, archive, val_rows)
+        val_probabilities = probabilities if split == "val" else predict_rows(model, archive, val_rows, tta=tta)
         metrics["melanoma"] = {"class": classes[mel_index], **melanoma_metrics(
             labels, probabilities, archive.labels[val_rows], val_probabilities, mel_index, target_sensitivity)}
     groups = archive.manifest["group_id"].to_numpy()[rows]
@@ -312,7 +320,9 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         f"val BMA {_fmt((meta.get('best') or {}).get('val_bma'))}). Archive `{archive.path}` "
         f"(sha256 {str(archive.header.get('sha256'))[:12]}…, split seed {archive.header.get('seed')}"
         f"{', test where ' + str(archive.header.get('test_where')) if archive.header.get('test_where') else ''}): "
-        f"{metrics['n_images']} images in the {split} split. Evaluated {metrics['evaluated']}, bootstrap seed {metrics['seed']}.",
+        f"{metrics['n_images']} images in the {split} split"
+        f"{', predictions averaged over 8 flips/rotations (TTA)' if metrics.get('tta') else ''}. "
+        f"Evaluated {metrics['evaluated']}, bootstrap seed {metrics['seed']}.",
         "",
         "## Summary",
         "",
