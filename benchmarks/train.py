@@ -111,10 +111,7 @@ def model_speeds(archive, steps: int, batch_size: int, repeats: int) -> tuple[Ta
     return training, inference
 
 
-def feed_comparison(archive_dir: Path, steps: int, batch_size: int, rounds: int) -> list[tuple[str, float]]:
-    from melanoma.data.archive import open_archive
-
-    archive = open_archive(archive_dir)
+def feed_comparison(archive, steps: int, batch_size: int, rounds: int) -> list[tuple[str, float]]:
     rows = archive.indices("train")
     in_memory = np.ascontiguousarray(archive.images[rows])
     labels_in_memory = archive.labels[rows]
@@ -183,7 +180,8 @@ def main() -> None:
 
     console = Console()
     console.print(f"Feed comparison on {args.archive} ({args.steps} steps x {args.batch_size} images, {args.rounds} rounds) ...")
-    rates = feed_comparison(args.archive, args.steps, args.batch_size, args.rounds)
+    archive = open_archive(args.archive)
+    rates = feed_comparison(archive, args.steps, args.batch_size, args.rounds)
     baseline = rates[1][1]
     table = Table(title="Small CNN training throughput (with augmentation)")
     for column in ("fed from", "images/s", "ratio to in-memory"):
@@ -193,7 +191,7 @@ def main() -> None:
     console.print(table)
 
     console.print(f"Training and inference speed per model ({args.steps} steps x {args.batch_size} images) ...")
-    for table in model_speeds(open_archive(args.archive), args.steps, args.batch_size, args.repeats):
+    for table in model_speeds(archive, args.steps, args.batch_size, args.repeats):
         console.print(table)
 
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -214,9 +214,6 @@ def open_archive(path: Path, *, verify: bool = False) -> Archive:
     return Archive(path, images, manifest, header, list(header["classes"]), manifest["label_index"].to_numpy(dtype=np.int64))
 
 
-# --------------------------------------------------------------------------- building
-
-
 def read_rows(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A copy of ``images[rows]``; for an archive's memory map, read with plain file reads.
 
@@ -239,6 +236,10 @@ def read_rows(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
                 raise DataError(f"{images.filename} is shorter than its header says (row {row}).",
                                 hint="Rebuild the archive with `melanoma prepare --force`.")
     return out
+
+
+
+# --------------------------------------------------------------------------- building
 
 
 def _manifest_with_splits(dataset: Dataset, seed: int, val_fraction: float, test_fraction: float,

@@ -236,15 +236,13 @@ def submission_table(image_ids: list[str], probabilities: np.ndarray, classes: l
 def predict_rows(model: Any, archive: Archive, rows: np.ndarray, batch_size: int = 64, *, tta: bool = False) -> np.ndarray:
     """Class probabilities of archive rows, read batch by batch from the memory map;
     ``tta`` averages them over the 8 flips/rotations of each image."""
-    from melanoma.modeling.predict import tta_views
+    from melanoma.modeling.predict import tta_mean
     from melanoma.modeling.train import ArchiveFeed
 
     feed = ArchiveFeed(archive.images, archive.labels, rows, batch_size=batch_size)
     if not tta:
         return normalised(model.predict(feed, verbose=0))
-    batches = [np.mean([model.predict_on_batch(view) for view in tta_views(feed[index][0])], axis=0)
-               for index in range(len(feed))]
-    return normalised(np.concatenate(batches))
+    return normalised(np.concatenate([tta_mean(model.predict_on_batch, feed[index][0]) for index in range(len(feed))]))
 
 
 def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target_sensitivity: float,

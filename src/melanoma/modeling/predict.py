@@ -54,6 +54,13 @@ def tta_views(images: np.ndarray) -> np.ndarray:
     return np.stack(rotations + [r[:, :, ::-1] for r in rotations])
 
 
+def tta_mean(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """``predict`` (images -> probabilities) averaged over the 8 views of each image."""
+    views = tta_views(images)
+    flat = predict(views.reshape(-1, *images.shape[1:]))
+    return flat.reshape(len(views), len(images), -1).mean(axis=0)
+
+
 @dataclass
 class FilePredictions:
     """The result of :meth:`Predictor.predict_files`."""
@@ -106,11 +113,7 @@ class Predictor:
             raise ImageError(
                 f"Expected images of shape (N, {self.image_size}, {self.image_size}, 3), got {images.shape}."
             )
-        if not tta:
-            return self._run_batches(images)
-        views = tta_views(images)
-        flat = self._run_batches(views.reshape(-1, *images.shape[1:]))
-        return flat.reshape(len(views), len(images), -1).mean(axis=0)
+        return tta_mean(self._run_batches, images) if tta else self._run_batches(images)
 
     def predict(self, sources: Sequence[ImageSource], *, tta: bool = False) -> np.ndarray:
         """Class probabilities (N, C) for paths, encoded bytes or RGB arrays (ImageError if one is bad)."""

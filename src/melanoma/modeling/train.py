@@ -116,7 +116,7 @@ class ArchiveFeed(keras.utils.PyDataset):
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        # Sorted rows read the memory map sequentially; the order inside a batch is irrelevant.
+        # Sorted rows read the archive file sequentially; the order inside a batch is irrelevant.
         rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         return read_rows(self.images, rows).astype(np.float32), self.labels[rows]
 
