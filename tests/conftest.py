@@ -112,13 +112,22 @@ def trained_run(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFactor
     """Path of a finished, evaluated run (metrics.json, report, figures, ISIC predictions):
     the small CNN trained for 1 epoch on ``small_ham_archive`` (64 px, seed 0). Its
     accuracy is near chance: it is for testing the plumbing, not the model."""
+    return _train_and_evaluate(small_ham_archive, tmp_path_factory.mktemp("runs") / "cnn-1-epoch", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run_seed1(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``trained_run`` again with seed 1: the same recipe, another seed (for compare and ensemble)."""
+    return _train_and_evaluate(small_ham_archive, tmp_path_factory.mktemp("runs") / "cnn-1-epoch-seed1", seed=1)
+
+
+def _train_and_evaluate(archive_path: Path, run_dir: Path, *, seed: int) -> Path:
     from melanoma.data.archive import open_archive
     from melanoma.modeling.evaluate import evaluate_run
     from melanoma.modeling.train import train
 
-    archive = open_archive(small_ham_archive)
-    run_dir = tmp_path_factory.mktemp("runs") / "cnn-1-epoch"
-    train(archive, run_dir, model_name="cnn", weights="none", epochs=1, batch_size=32, learning_rate=1e-3, seed=0,
+    archive = open_archive(archive_path)
+    train(archive, run_dir, model_name="cnn", weights="none", epochs=1, batch_size=32, learning_rate=1e-3, seed=seed,
           progress=False)
     evaluate_run(run_dir, archive, "test", target_sensitivity=0.741, bootstrap_samples=50, seed=0)
     return run_dir

@@ -425,6 +425,28 @@ def export(
     out.print(f"Wrote {path}")
 
 
+@app.command("ensemble")
+def ensemble_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="The ensemble's run folder (new, or an empty folder).")],
+    runs: Annotated[Optional[list[Path]], typer.Option("--runs", help="Member run folders.", show_default=False)] = None,
+    more_runs: Annotated[Optional[list[Path]], typer.Argument(help="More member run folders (`--runs A B C` works too).",
+                                                              show_default=False)] = None,
+) -> None:
+    """Average the probabilities of trained runs (sharing classes, image size, preprocessing and
+    archive) in one model: a run folder that predict, evaluate, explain, export and serve accept."""
+    from melanoma.modeling.ensemble import make_ensemble
+
+    with console.status(f"Building the ensemble in {out_dir} ..."):
+        info = make_ensemble([*(runs or []), *(more_runs or [])], out_dir)
+    table = Table(title=f"Ensemble {info.run_id}: {info.meta['ensemble']['combine']}")
+    for column in ("member", "run", "model", "seed", "temperature"):
+        table.add_column(column)
+    for member in info.meta["ensemble"]["members"]:
+        table.add_row(member["name"], member["run"], str(member["model"]), str(member["seed"]), f"{member['temperature']:g}")
+    out.print(table)
+    out.print(f"Next: melanoma evaluate --run {out_dir}", highlight=False)
+
+
 # --------------------------------------------------------------------------- train / evaluate / runs
 @app.command("train")
 def train_command(
@@ -528,7 +550,59 @@ def evaluate_command(
     table.add_row("expected calibration error", _number(metrics["ece"]), "")
     table.add_row("Brier score", _number(metrics["brier"]), "")
     out.print(table)
+    _print_subgroups(metrics)
     out.print(f"Report: {Path(run) / REPORT_FILE}", highlight=False)
+
+
+def _print_subgroups(metrics: dict[str, Any]) -> None:
+    """The per-source and melanoma-vs-nevi figures of an evaluation, where it has them."""
+    per_source = metrics.get("per_source")
+    if per_source:
+        table = Table(title=f"By source ({per_source['column']})")
+        for column in ("source", "images", "melanomas", "BMA", "melanoma ROC AUC"):
+            table.add_column(column, justify="left" if column == "source" else "right")
+        for name, row in per_source["sources"].items():
+            table.add_row(name, str(row["n_images"]), str(row["melanomas"] if row["melanomas"] is not None else "–"),
+                          _number(row["bma"]), _number(row["melanoma_auc"]))
+        out.print(table)
+    for name, row in (metrics.get("melanoma_vs_nevi") or {}).items():
+        nevi = "histopathology-confirmed nevi" if name == "histopathology" else "all nevi"
+        out.print(f"Melanoma vs {nevi} ({row['melanomas']} vs {row['nevi']}): ROC AUC {_number(row['auc'])} "
+                  f"[{_interval(row['ci'])}]", highlight=False)
+
+
+@app.command("compare")
+def compare_command(
+    ctx: typer.Context,
+    runs: Annotated[list[Path], typer.Argument(help="Run folders, evaluated on the same images; the first is the baseline.")],
+    split: Annotated[str, typer.Option(help="The evaluated split whose predictions are compared.")] = "test",
+    archive: Annotated[Optional[Path], typer.Option(help="Archive with the labels and lesions (default: each run's own).")] = None,
+    bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples of lesions (default: bootstrap_samples setting).")] = None,
+    min_class_images: Annotated[Optional[int], typer.Option(help="Classes with fewer images are left out of the second BMA "
+                                                                 "(default: compare_min_class_images setting).")] = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the comparison to a .json or .md file.")] = None,
+) -> None:
+    """Paired differences from the first run on the same images (melanoma AUC, BMA, BMA over
+    the larger classes) with lesion-bootstrap 95% CIs, and mean ± sd over seeds. Needs no model."""
+    from melanoma.modeling.compare import (
+        check_out_file,
+        compare_runs,
+        comparison_tables,
+        load_evaluated,
+        write_comparison,
+    )
+
+    settings = settings_for(ctx, bootstrap_samples=bootstrap, compare_min_class_images=min_class_images)
+    if out_file is not None:
+        check_out_file(out_file)
+    evaluated = [load_evaluated(run, split, archive) for run in runs]
+    with console.status(f"Resampling {settings.bootstrap_samples:,} times ..."):
+        result = compare_runs(evaluated, samples=settings.bootstrap_samples, seed=settings.seed,
+                              min_class_images=settings.compare_min_class_images)
+    for table in comparison_tables(result):
+        out.print(table)
+    if out_file is not None:
+        out.print(f"Wrote {write_comparison(result, out_file)}", highlight=False)
 
 
 @app.command("runs")

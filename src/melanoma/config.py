@@ -20,6 +20,7 @@ from melanoma.errors import MelanomaError
 # The ISIC 2019 task's class order; HAM10000's 7 classes map onto its first 7 + SCC.
 ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 MELANOMA_LABELS = ("MEL", "mel", "melanoma", "1")
+NEVUS_LABELS = ("NV", "nv", "nevus")
 
 
 class Settings(BaseSettings):
@@ -70,6 +71,8 @@ class Settings(BaseSettings):
     # Evaluation
     target_sensitivity: float = Field(0.741, gt=0, lt=1, description="Melanoma operating point (Brinker 2019).")
     bootstrap_samples: int = Field(1000, ge=0)
+    compare_min_class_images: int = Field(30, ge=1, description="`compare`: classes with fewer test images are "
+                                          "left out of its second BMA (one image of a tiny class moves BMA a lot).")
 
     # Demo: a run short enough to watch, on real data when there is some.
     demo_epochs: int = Field(8, ge=1)

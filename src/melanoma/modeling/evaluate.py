@@ -9,12 +9,18 @@ standardisation that ``roc_auc_score(max_fpr=...)`` applies.
 The melanoma operating point is chosen on the validation split (the threshold that
 reaches the target sensitivity there) and then applied, unchanged, to the evaluated split,
 so that the reported sensitivity and specificity are honest estimates.
+
+Where the archive says where each image comes from, the metrics are also broken down by
+source (clinic, data set), and the melanoma score is measured against the nevi alone, all
+of them and those confirmed by histopathology: the nevi atypical enough to be excised are
+what a model trained on one clinic confuses with melanoma in another.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +38,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from melanoma.config import ISIC2019_CLASSES, MELANOMA_LABELS
+from melanoma.config import ISIC2019_CLASSES, MELANOMA_LABELS, NEVUS_LABELS
 from melanoma.errors import ModelError
 from melanoma.modeling.runs import METRICS_FILE, read_run, write_json
 
@@ -47,6 +53,11 @@ FIGURES_DIR = "figures"
 # HAM10000's diagnosis codes -> the ISIC 2019 submission columns.
 HAM_TO_ISIC = {"mel": "MEL", "nv": "NV", "bcc": "BCC", "akiec": "AK", "bkl": "BKL", "df": "DF", "vasc": "VASC", "scc": "SCC"}
 ISIC_COLUMNS = [*ISIC2019_CLASSES, "UNK"]
+# The manifest column naming each image's source: `source` (one per data set or clinic),
+# else HAM10000's `dataset` site.
+SOURCE_COLUMNS = ("source", "dataset")
+HISTOPATHOLOGY = "histo"  # HAM10000 dx_type of a diagnosis confirmed by histopathology
+UNKNOWN_SOURCE = "unknown"
 
 
 def melanoma_index(classes: list[str]) -> int | None:
@@ -186,30 +197,133 @@ def melanoma_metrics(labels: np.ndarray, probabilities: np.ndarray, val_labels: 
     }
 
 
+def lesion_resamples(groups: np.ndarray, samples: int, seed: int) -> Iterator[np.ndarray]:
+    """``samples`` bootstrap resamples of whole lesion groups, drawn with replacement, each as
+    the number of times every row was drawn (images of one lesion are not independent).
+    The same ``seed`` gives the same resamples, so that several runs' predictions on the
+    same images can be resampled together (paired)."""
+    _, group_of_row = np.unique(groups, return_inverse=True)
+    n_groups = group_of_row.max() + 1
+    rng = np.random.default_rng(seed)
+    for _ in range(samples):
+        yield np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[group_of_row]
+
+
 def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, mel_index: int | None, *,
                         samples: int, seed: int, level: float = CI_LEVEL) -> dict[str, Any]:
     """Percentile intervals for BMA and melanoma AUC, resampling lesion groups with
     replacement (images of one lesion are not independent)."""
     if samples <= 0:
         return {}
-    _, group_of_row = np.unique(groups, return_inverse=True)
-    n_groups = group_of_row.max() + 1
-    rng = np.random.default_rng(seed)
     predicted = probabilities.argmax(axis=1)
     bmas, mel_aucs = [], []
-    for _ in range(samples):
-        weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[group_of_row]
+    for weight in lesion_resamples(groups, samples, seed):
         kept = weight > 0
         bmas.append(balanced_accuracy_score(labels[kept], predicted[kept], sample_weight=weight[kept]))
         if mel_index is not None:
             mel_aucs.append(one_vs_rest_auc(labels[kept] == mel_index, probabilities[kept, mel_index], weight[kept]))
-    tail = (1 - level) / 2 * 100
     result: dict[str, Any] = {"level": level, "samples": samples, "resampled": "lesion groups",
-                              "bma": np.percentile(bmas, [tail, 100 - tail]).tolist()}
-    finite = [value for value in mel_aucs if not math.isnan(value)]
-    if finite:
-        result["melanoma_auc"] = np.percentile(finite, [tail, 100 - tail]).tolist()
+                              "bma": percentile_interval(bmas, level)}
+    mel_interval = percentile_interval(mel_aucs, level)
+    if mel_interval:
+        result["melanoma_auc"] = mel_interval
     return result
+
+
+def percentile_interval(values: list[float], level: float = CI_LEVEL) -> list[float] | None:
+    """The central ``level`` percentile interval of the finite ``values`` (a resample can
+    leave an AUC undefined), or None where none is finite."""
+    finite = [value for value in values if not math.isnan(value)]
+    if not finite:
+        return None
+    tail = (1 - level) / 2 * 100
+    return np.percentile(finite, [tail, 100 - tail]).tolist()
+
+
+def source_column(manifest: pd.DataFrame) -> str | None:
+    """The manifest column that names each image's source, or None where there is none."""
+    return next((column for column in SOURCE_COLUMNS if column in manifest.columns), None)
+
+
+def nevus_index(classes: list[str]) -> int | None:
+    """The index of the nevus class in ``classes``, or None if there is none."""
+    return next((index for index, name in enumerate(classes) if name in NEVUS_LABELS), None)
+
+
+def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], rows: pd.DataFrame, *,
+                     samples: int, seed: int) -> dict[str, Any]:
+    """``per_source`` (images, melanomas, BMA, melanoma AUC of each source) and
+    ``melanoma_vs_nevi`` (the melanoma score's AUC against all nevi and against nevi
+    confirmed by histopathology, with lesion-bootstrap intervals of ``samples`` resamples).
+
+    ``rows`` are the manifest rows of the evaluated images, in the order of ``labels``.
+    A part is left out where the data cannot give it (no source column, no melanoma or
+    nevus class, no ``dx_type``)."""
+    result: dict[str, Any] = {}
+    mel_index = melanoma_index(classes)
+    column = source_column(rows)
+    if column is not None:
+        sources = rows[column].fillna(UNKNOWN_SOURCE).astype(str).to_numpy()
+        per_source = {}
+        for name in sorted(set(sources)):
+            chosen = sources == name
+            scores = classification_metrics(labels[chosen], probabilities[chosen], classes)
+            per_source[name] = {
+                "n_images": int(chosen.sum()),
+                "melanomas": int((labels[chosen] == mel_index).sum()) if mel_index is not None else None,
+                "bma": scores["bma"],
+                "melanoma_auc": _finite(one_vs_rest_auc(labels[chosen] == mel_index, probabilities[chosen, mel_index]))
+                if mel_index is not None else None,
+            }
+        result["per_source"] = {"column": column, "sources": per_source}
+    nv_index = nevus_index(classes)
+    if mel_index is None or nv_index is None:
+        return result
+    groups = rows["group_id"].astype(str).to_numpy()
+    is_mel, is_nevus = labels == mel_index, labels == nv_index
+    comparisons = {"all": is_nevus}
+    if "dx_type" in rows.columns:
+        comparisons["histopathology"] = is_nevus & (rows["dx_type"].astype(str).str.strip() == HISTOPATHOLOGY).to_numpy()
+    versus = {}
+    for name, nevi in comparisons.items():
+        chosen = is_mel | nevi
+        versus[name] = _auc_with_interval(is_mel[chosen], probabilities[chosen, mel_index], groups[chosen],
+                                          samples=samples, seed=seed)
+    result["melanoma_vs_nevi"] = versus
+    return result
+
+
+def _auc_with_interval(is_positive: np.ndarray, scores: np.ndarray, groups: np.ndarray, *, samples: int,
+                       seed: int) -> dict[str, Any]:
+    value = _finite(one_vs_rest_auc(is_positive, scores))
+    interval = None
+    if value is not None and samples > 0:
+        interval = percentile_interval([
+            one_vs_rest_auc(is_positive[weight > 0], scores[weight > 0], weight[weight > 0])
+            for weight in lesion_resamples(groups, samples, seed)
+        ], CI_LEVEL)
+    return {"melanomas": int(is_positive.sum()), "nevi": int((~is_positive).sum()), "auc": value, "ci": interval}
+
+
+def subgroup_report_lines(metrics: dict[str, Any]) -> list[str]:
+    """The per-source and melanoma-vs-nevi sections of the evaluation report (Markdown)."""
+    lines: list[str] = []
+    per_source = metrics.get("per_source")
+    if per_source:
+        lines += ["", f"## By source (manifest column `{per_source['column']}`)", "",
+                  "Each source's BMA is the mean recall of the classes present in it.", "",
+                  "| source | images | melanomas | BMA | melanoma ROC AUC |", "|---|---|---|---|---|"]
+        for name, row in per_source["sources"].items():
+            lines.append(f"| {name} | {row['n_images']} | {_fmt_count(row['melanomas'])} | {_fmt(row['bma'])} | "
+                         f"{_fmt(row['melanoma_auc'])} |")
+    versus = metrics.get("melanoma_vs_nevi")
+    if versus:
+        names = {"all": "all nevi", "histopathology": "nevi confirmed by histopathology (`dx_type` histo)"}
+        lines += ["", "## Melanoma vs nevi", "", "The melanoma probability's ROC AUC on the melanomas and the nevi only.",
+                  "", "| melanoma vs | melanomas | nevi | ROC AUC | 95% CI (lesion bootstrap) |", "|---|---|---|---|---|"]
+        for name, row in versus.items():
+            lines.append(f"| {names[name]} | {row['melanomas']} | {row['nevi']} | {_fmt(row['auc'])} | {_fmt_ci(row['ci'])} |")
+    return lines
 
 
 def isic_columns(classes: list[str]) -> list[str] | None:
@@ -275,6 +389,8 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
             labels, probabilities, archive.labels[val_rows], val_probabilities, mel_index, target_sensitivity)}
     groups = archive.manifest["group_id"].to_numpy()[rows]
     metrics["ci"] = bootstrap_intervals(labels, probabilities, groups, mel_index, samples=bootstrap_samples, seed=seed)
+    metrics.update(subgroup_metrics(labels, probabilities, classes, archive.manifest.iloc[rows],
+                                    samples=bootstrap_samples, seed=seed))
 
     run_dir = Path(run_dir)
     figures = run_dir / FIGURES_DIR
@@ -313,9 +429,7 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
     lines = [
         f"# Evaluation of run `{meta.get('run_id')}` on the {split} split",
         "",
-        f"Model `{meta.get('model')}` (weights: {meta.get('weights')}), {meta.get('image_size')} px, "
-        f"{meta.get('epochs_done')} epoch(s) (best: epoch {(meta.get('best') or {}).get('epoch')}, "
-        f"val BMA {_fmt((meta.get('best') or {}).get('val_bma'))}). Archive `{archive.path}` "
+        f"{_model_summary(meta)}. Archive `{archive.path}` "
         f"(sha256 {str(archive.header.get('sha256'))[:12]}…, split seed {archive.header.get('seed')}"
         f"{', test where ' + str(archive.header.get('test_where')) if archive.header.get('test_where') else ''}): "
         f"{metrics['n_images']} images in the {split} split"
@@ -351,6 +465,7 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
             f"| {_fmt(melanoma['sensitivity'])} | {_fmt(melanoma['specificity'])} | {_fmt(melanoma['specificity_at_target'])} "
             f"| {_fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |",
         ]
+    lines += subgroup_report_lines(metrics)
     lines += ["", "## Per class", "", "| class | images | recall | precision | ROC AUC | partial AUC (sens. ≥ 0.8) |",
               "|---|---|---|---|---|---|"]
     for name, row in metrics["per_class"].items():
@@ -368,6 +483,8 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         "## Reproduce",
         "",
         "```",
+        f"melanoma ensemble --out {run_dir} --runs " + " ".join(m["run"] for m in meta["ensemble"]["members"])
+        if "ensemble" in meta else
         f"melanoma train --archive {archive.path} --model {meta.get('model')} --weights {meta.get('weights')} "
         f"--epochs {training.get('epochs')} --batch-size {training.get('batch_size')} --lr {training.get('learning_rate')} "
         f"--seed {training.get('seed')} --class-balance {training.get('class_balance')}"
@@ -381,6 +498,18 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_summary(meta: dict[str, Any]) -> str:
+    """The evaluated model in a phrase: what it is, its size and how it was trained or built."""
+    if "ensemble" in meta:
+        members = meta["ensemble"]["members"]
+        return (f"Ensemble of {len(members)} runs ({meta['ensemble']['combine']}): "
+                + ", ".join(f"`{m['run_id']}` ({m['model']}, seed {m['seed']}, temperature {m['temperature']:g})"
+                            for m in members) + f"; {meta.get('image_size')} px")
+    best = meta.get("best") or {}
+    return (f"Model `{meta.get('model')}` (weights: {meta.get('weights')}), {meta.get('image_size')} px, "
+            f"{meta.get('epochs_done')} epoch(s) (best: epoch {best.get('epoch')}, val BMA {_fmt(best.get('val_bma'))})")
 
 
 def _check_archive(meta: dict[str, Any], archive: Archive) -> None:
@@ -412,6 +541,10 @@ def _json_safe(value: Any) -> Any:
 
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def _fmt_count(value: int | None) -> str:
+    return "–" if value is None else str(value)
 
 
 def _fmt_ci(interval: list[float] | None) -> str:

@@ -8,7 +8,8 @@ own loop copies the image per sample and calls the model 10 images at a time), a
 sampler is seeded by constructing the explainer with ``random_state=seed``.
 
 Grad-CAM weights the last convolutional feature map by the gradient of the class score
-(before the softmax) and is a single forward and backward pass.
+(before the softmax) and is a single forward and backward pass; for an ensemble, one per
+member, averaged.
 
 The trust measures (:func:`evaluate_explanations`) rank the same superpixels by each
 method and report deletion/insertion AUC (faithfulness) and top-5 overlap across seeds
@@ -39,7 +40,7 @@ METHODS = ("lime", "gradcam")
 TRUST_METHODS = ("lime", "gradcam", "random")
 SEGMENTATION_ALGORITHMS = ("slic", "quickshift")
 STABILITY_TOP = 5
-_GRADCAMS: weakref.WeakKeyDictionary[Any, dict[str | None, GradCam]] = weakref.WeakKeyDictionary()
+_GRADCAMS: weakref.WeakKeyDictionary[Any, dict[str | None, GradCam | MeanGradCam]] = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- superpixels
@@ -280,6 +281,31 @@ class GradCam:
         ).numpy()
 
 
+class MeanGradCam:
+    """Grad-CAM of an ensemble (:mod:`.ensemble`): the mean of its members' maps, each
+    scaled to a peak of 1 first so that every member counts equally, whatever the size of
+    its gradients; then scaled to a peak of 1 again, like a single model's map."""
+
+    def __init__(self, members: Sequence[Any], layer_name: str | None = None):
+        self._cams = [GradCam(member, layer_name) for member in members]
+        self.layer_name = "mean of " + ", ".join(
+            f"{member.name}/{cam.layer_name}" for member, cam in zip(members, self._cams))
+
+    def __call__(self, images: np.ndarray, class_indices: Sequence[int]) -> np.ndarray:
+        """Heat maps in [0, 1], shaped (N, S, S), for uint8 images (N, S, S, 3)."""
+        mean = np.mean([cam(images, class_indices) for cam in self._cams], axis=0)
+        peak = mean.max(axis=(1, 2), keepdims=True)
+        return np.divide(mean, peak, out=np.zeros_like(mean), where=peak > 0)
+
+
+def make_gradcam(model: Any, layer_name: str | None = None) -> GradCam | MeanGradCam:
+    """Grad-CAM for ``model``: averaged over the members where it is an ensemble."""
+    from melanoma.modeling.ensemble import ensemble_members
+
+    members = ensemble_members(model)
+    return GradCam(model, layer_name) if members is None else MeanGradCam(members, layer_name)
+
+
 def _features_and_scores(model: Any, layer: Any, from_logits: bool) -> Any:
     """A model from the input to (``layer``'s feature maps, the softmax's input or output)."""
     import keras
@@ -327,7 +353,8 @@ class GradCamExplanation:
         }
 
 
-def explain_gradcam(predictor: Predictor, gradcam: GradCam, image: np.ndarray, *, top_k: int) -> GradCamExplanation:
+def explain_gradcam(predictor: Predictor, gradcam: GradCam | MeanGradCam, image: np.ndarray, *,
+                    top_k: int) -> GradCamExplanation:
     """Grad-CAM heat maps for the ``top_k`` most probable classes of one uint8 image."""
     probabilities = predictor.predict_arrays(image[None])[0]
     top = [int(i) for i in np.argsort(probabilities)[::-1][:top_k]]
@@ -456,14 +483,14 @@ def explain_file(
     return written
 
 
-def gradcam_for(predictor: Predictor, layer_name: str | None = None) -> GradCam:
+def gradcam_for(predictor: Predictor, layer_name: str | None = None) -> GradCam | MeanGradCam:
     """The Grad-CAM of the predictor's model, built on first use and kept while the model lives."""
     if predictor.model is None:
         raise ModelError("Grad-CAM needs the Keras model: load the predictor with engine='keras'.")
     per_layer = _GRADCAMS.setdefault(predictor.model, {})
     if layer_name not in per_layer:
         try:
-            per_layer[layer_name] = GradCam(predictor.model, layer_name)
+            per_layer[layer_name] = make_gradcam(predictor.model, layer_name)
         except ModelError as exc:
             raise ModelError(f"{predictor.run.model_path}: {exc}") from None
     return per_layer[layer_name]
