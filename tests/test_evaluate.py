@@ -17,6 +17,8 @@ from melanoma.modeling.evaluate import (
     expected_calibration_error,
     partial_auc_above_sensitivity,
     specificity_at_sensitivity,
+    subgroup_metrics,
+    subgroup_report_lines,
     submission_table,
     threshold_for_sensitivity,
 )
@@ -102,6 +104,59 @@ def test_submission_maps_ham_classes_to_isic_columns_or_keeps_its_own() -> None:
     assert own.columns.tolist() == ["image", "benign", "malignant"]
 
 
+def manifest_rows(labels: np.ndarray, seed: int = 0) -> pd.DataFrame:
+    """Manifest rows as a multi-source archive has them: HAM10000 sites in ``dataset``, a
+    ``source`` column (with one image of unknown source), ``dx_type`` for HAM images only."""
+    rng = np.random.default_rng(seed)
+    source = rng.choice(["rosendahl", "vidir_modern", "isic-archive"], len(labels))
+    rows = pd.DataFrame({"group_id": [f"L{i // 2}" for i in range(len(labels))], "source": source,
+                         "dataset": np.where(source == "isic-archive", None, "vienna"),
+                         "dx_type": np.where(source == "isic-archive", None, rng.choice(["histo", "follow_up"], len(labels)))})
+    rows.loc[0, "source"] = None
+    return rows
+
+
+def test_metrics_by_source_and_melanoma_against_nevi() -> None:
+    labels, probabilities = random_predictions(600, 7, seed=6)
+    rows = manifest_rows(labels)
+    result = subgroup_metrics(labels, probabilities, HAM_CLASSES, rows, samples=50, seed=0)
+    per_source = result["per_source"]
+    assert per_source["column"] == "source"  # `source` wins over HAM's `dataset`
+    assert list(per_source["sources"]) == ["isic-archive", "rosendahl", "unknown", "vidir_modern"]
+    assert per_source["sources"]["unknown"]["n_images"] == 1
+    for name, row in per_source["sources"].items():
+        chosen = rows["source"].fillna("unknown").to_numpy() == name
+        assert row["n_images"] == chosen.sum() and row["melanomas"] == (labels[chosen] == 4).sum()
+        if name != "unknown":  # one image: scikit-learn warns about it
+            assert row["bma"] == pytest.approx(balanced_accuracy_score(labels[chosen], probabilities[chosen].argmax(axis=1)))
+            assert row["melanoma_auc"] == pytest.approx(roc_auc_score(labels[chosen] == 4, probabilities[chosen, 4]))
+
+    versus = result["melanoma_vs_nevi"]
+    histo_nevi = (labels == 5) & (rows["dx_type"] == "histo").to_numpy()
+    chosen = (labels == 4) | histo_nevi
+    assert versus["histopathology"]["nevi"] == histo_nevi.sum() < versus["all"]["nevi"] == (labels == 5).sum()
+    assert versus["histopathology"]["auc"] == pytest.approx(roc_auc_score(labels[chosen] == 4, probabilities[chosen, 4]))
+    chosen = np.isin(labels, [4, 5])
+    assert versus["all"]["auc"] == pytest.approx(roc_auc_score(labels[chosen] == 4, probabilities[chosen, 4]))
+    assert versus["all"]["ci"][0] < versus["all"]["auc"] < versus["all"]["ci"][1]
+
+    lines = "\n".join(subgroup_report_lines(result))
+    assert "## By source (manifest column `source`)" in lines and "| rosendahl |" in lines
+    assert "| nevi confirmed by histopathology (`dx_type` histo) |" in lines
+
+
+def test_subgroups_fall_back_to_the_dataset_column_or_are_left_out() -> None:
+    labels, probabilities = random_predictions(200, 7, seed=7)
+    rows = manifest_rows(labels).drop(columns="source")
+    result = subgroup_metrics(labels, probabilities, HAM_CLASSES, rows, samples=0, seed=0)
+    assert result["per_source"]["column"] == "dataset" and result["melanoma_vs_nevi"]["all"]["ci"] is None
+    assert list(result["per_source"]["sources"]) == ["unknown", "vienna"]
+    bare = subgroup_metrics(labels, probabilities, HAM_CLASSES, rows[["group_id"]], samples=0, seed=0)
+    assert list(bare) == ["melanoma_vs_nevi"] and list(bare["melanoma_vs_nevi"]) == ["all"]
+    no_nevi = subgroup_metrics(labels % 2, probabilities[:, :2], ["benign", "melanoma"], rows, samples=0, seed=0)
+    assert "melanoma_vs_nevi" not in no_nevi and no_nevi["per_source"]["sources"]["vienna"]["melanoma_auc"] is not None
+
+
 @pytest.mark.realdata
 def test_evaluation_files_follow_the_isic_scorer_rules(trained_run: Path, small_ham_archive: Path) -> None:
     from melanoma.data.archive import open_archive
@@ -127,3 +182,10 @@ def test_evaluation_files_follow_the_isic_scorer_rules(trained_run: Path, small_
     for path in metrics["figures"].values():
         assert (trained_run / path).stat().st_size > 1000 and f"]({path})" in report
     assert f"{metrics['bma']:.3f}" in report
+    # HAM10000's sites (the `dataset` column) and its histopathology-confirmed nevi.
+    sources = metrics["per_source"]["sources"]
+    assert metrics["per_source"]["column"] == "dataset" and set(sources) <= {"rosendahl", "vidir_modern",
+                                                                              "vidir_molemax", "vienna_dias"}
+    assert sum(row["n_images"] for row in sources.values()) == metrics["n_images"]
+    assert metrics["melanoma_vs_nevi"]["histopathology"]["nevi"] <= metrics["melanoma_vs_nevi"]["all"]["nevi"]
+    assert "## By source (manifest column `dataset`)" in report and "## Melanoma vs nevi" in report

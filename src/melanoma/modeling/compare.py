@@ -27,6 +27,7 @@ import pandas as pd
 from melanoma.errors import DataError, MelanomaError, ModelError
 from melanoma.modeling.evaluate import (
     CI_LEVEL,
+    class_recalls,
     isic_columns,
     lesion_resamples,
     melanoma_index,
@@ -134,19 +135,20 @@ def run_scores(labels: np.ndarray, probabilities: np.ndarray, mel_index: int | N
                common: np.ndarray) -> dict[str, float]:
     """Melanoma AUC, BMA and the BMA over the ``common`` classes (a boolean per class), with
     images counted ``weight`` times (a bootstrap resample; 0 leaves an image out)."""
-    predicted = probabilities.argmax(axis=1)
-    total = np.bincount(labels, weights=weight, minlength=len(common))
-    right = np.bincount(labels, weights=weight * (predicted == labels), minlength=len(common))
-    present = total > 0
+    recalls = class_recalls(labels, probabilities.argmax(axis=1), len(common), weight)
     kept = weight > 0
     return {
         "melanoma_auc": math.nan if mel_index is None else one_vs_rest_auc(
             labels[kept] == mel_index, probabilities[kept, mel_index], weight[kept]),
-        # The ISIC definition: the mean recall of the classes present.
-        "bma": float(np.mean(right[present] / total[present])),
-        "bma_common": float(np.mean(right[present & common] / total[present & common])) if (present & common).any()
-        else math.nan,
+        "bma": _mean_present(recalls),
+        "bma_common": _mean_present(recalls[common]),
     }
+
+
+def _mean_present(recalls: np.ndarray) -> float:
+    """The mean recall of the classes present (NaN where none is)."""
+    present = recalls[~np.isnan(recalls)]
+    return float(present.mean()) if len(present) else math.nan
 
 
 def compare_runs(runs: list[EvaluatedRun], *, samples: int, seed: int, min_class_images: int,

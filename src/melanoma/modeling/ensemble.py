@@ -21,10 +21,13 @@ import hashlib
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from melanoma.errors import ModelError
 from melanoma.modeling.predict import load_keras_model
@@ -120,6 +123,22 @@ def ensemble_members(model: keras.Model) -> list[keras.Model] | None:
     if not layers or layers[-1].name != ENSEMBLE_OUTPUT or not isinstance(layers[-1], keras.layers.Average):
         return None
     return [layer for layer in layers if isinstance(layer, keras.Model)]
+
+
+class MeanGradCam:
+    """Grad-CAM of an ensemble: the mean of its members' maps (``(name, GradCam)`` pairs),
+    each scaled to a peak of 1 first so that every member counts equally, whatever the size
+    of its gradients; then scaled to a peak of 1 again, like a single model's map."""
+
+    def __init__(self, cams: list[tuple[str, Any]]):
+        self._cams = [cam for _, cam in cams]
+        self.layer_name = "mean of " + ", ".join(f"{name}/{cam.layer_name}" for name, cam in cams)
+
+    def __call__(self, images: np.ndarray, class_indices: Sequence[int]) -> np.ndarray:
+        """Heat maps in [0, 1], shaped (N, S, S), for uint8 images (N, S, S, 3)."""
+        mean = np.mean([cam(images, class_indices) for cam in self._cams], axis=0)
+        peak = mean.max(axis=(1, 2), keepdims=True)
+        return np.divide(mean, peak, out=np.zeros_like(mean), where=peak > 0)
 
 
 def make_ensemble(run_dirs: list[Path], out_dir: Path) -> RunInfo:

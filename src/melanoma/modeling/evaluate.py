@@ -81,6 +81,17 @@ def one_vs_rest_auc(is_positive: np.ndarray, scores: np.ndarray, sample_weight: 
     return float(roc_auc_score(is_positive, scores, sample_weight=sample_weight))
 
 
+def class_recalls(labels: np.ndarray, predicted: np.ndarray, num_classes: int,
+                  weight: np.ndarray | None = None) -> np.ndarray:
+    """The recall of each class, with images counted ``weight`` times; NaN for a class
+    without images. Their NaN-ignoring mean is the BMA (ISIC: the mean recall of the
+    classes present)."""
+    total = np.bincount(labels, weights=weight, minlength=num_classes)
+    right = np.bincount(labels, weights=(predicted == labels) * (1.0 if weight is None else weight), minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, right / total, np.nan)
+
+
 def validation_scores(labels: np.ndarray, probabilities: np.ndarray, mel_index: int | None) -> dict[str, float]:
     """The per-epoch numbers: loss, accuracy, balanced accuracy and melanoma AUC."""
     predicted = probabilities.argmax(axis=1)
@@ -267,11 +278,11 @@ def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: lis
         per_source = {}
         for name in sorted(set(sources)):
             chosen = sources == name
-            scores = classification_metrics(labels[chosen], probabilities[chosen], classes)
+            recalls = class_recalls(labels[chosen], probabilities[chosen].argmax(axis=1), len(classes))
             per_source[name] = {
                 "n_images": int(chosen.sum()),
                 "melanomas": int((labels[chosen] == mel_index).sum()) if mel_index is not None else None,
-                "bma": scores["bma"],
+                "bma": float(np.nanmean(recalls)),
                 "melanoma_auc": _finite(one_vs_rest_auc(labels[chosen] == mel_index, probabilities[chosen, mel_index]))
                 if mel_index is not None else None,
             }

@@ -8,8 +8,7 @@ own loop copies the image per sample and calls the model 10 images at a time), a
 sampler is seeded by constructing the explainer with ``random_state=seed``.
 
 Grad-CAM weights the last convolutional feature map by the gradient of the class score
-(before the softmax) and is a single forward and backward pass; for an ensemble, one per
-member, averaged.
+(before the softmax) and is a single forward and backward pass (per member, averaged, for an ensemble).
 
 The trust measures (:func:`evaluate_explanations`) rank the same superpixels by each
 method and report deletion/insertion AUC (faithfulness) and top-5 overlap across seeds
@@ -29,6 +28,7 @@ import numpy as np
 
 from melanoma.data.archive import read_rows
 from melanoma.errors import MelanomaError, ModelError
+from melanoma.modeling.ensemble import MeanGradCam, ensemble_members
 from melanoma.modeling.predict import Predictor, write_text
 from melanoma.modeling.runs import write_json
 from melanoma.plots import save_figure
@@ -281,31 +281,6 @@ class GradCam:
         ).numpy()
 
 
-class MeanGradCam:
-    """Grad-CAM of an ensemble (:mod:`.ensemble`): the mean of its members' maps, each
-    scaled to a peak of 1 first so that every member counts equally, whatever the size of
-    its gradients; then scaled to a peak of 1 again, like a single model's map."""
-
-    def __init__(self, members: Sequence[Any], layer_name: str | None = None):
-        self._cams = [GradCam(member, layer_name) for member in members]
-        self.layer_name = "mean of " + ", ".join(
-            f"{member.name}/{cam.layer_name}" for member, cam in zip(members, self._cams))
-
-    def __call__(self, images: np.ndarray, class_indices: Sequence[int]) -> np.ndarray:
-        """Heat maps in [0, 1], shaped (N, S, S), for uint8 images (N, S, S, 3)."""
-        mean = np.mean([cam(images, class_indices) for cam in self._cams], axis=0)
-        peak = mean.max(axis=(1, 2), keepdims=True)
-        return np.divide(mean, peak, out=np.zeros_like(mean), where=peak > 0)
-
-
-def make_gradcam(model: Any, layer_name: str | None = None) -> GradCam | MeanGradCam:
-    """Grad-CAM for ``model``: averaged over the members where it is an ensemble."""
-    from melanoma.modeling.ensemble import ensemble_members
-
-    members = ensemble_members(model)
-    return GradCam(model, layer_name) if members is None else MeanGradCam(members, layer_name)
-
-
 def _features_and_scores(model: Any, layer: Any, from_logits: bool) -> Any:
     """A model from the input to (``layer``'s feature maps, the softmax's input or output)."""
     import keras
@@ -490,7 +465,9 @@ def gradcam_for(predictor: Predictor, layer_name: str | None = None) -> GradCam 
     per_layer = _GRADCAMS.setdefault(predictor.model, {})
     if layer_name not in per_layer:
         try:
-            per_layer[layer_name] = make_gradcam(predictor.model, layer_name)
+            members = ensemble_members(predictor.model)
+            per_layer[layer_name] = GradCam(predictor.model, layer_name) if members is None else MeanGradCam(
+                [(member.name, GradCam(member, layer_name)) for member in members])
         except ModelError as exc:
             raise ModelError(f"{predictor.run.model_path}: {exc}") from None
     return per_layer[layer_name]
