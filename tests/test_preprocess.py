@@ -66,7 +66,7 @@ def test_params_refuse_bad_values_and_other_versions() -> None:
 
 # ----------------------------------------------------------------------------- geometry
 @pytest.mark.parametrize("height, width", [(60, 100), (100, 60), (80, 80), (20, 30)])
-@pytest.mark.parametrize("mode", ["crop", "pad"])
+@pytest.mark.parametrize("mode", ["crop", "pad", "squash"])
 def test_resize_to_square_shapes(height: int, width: int, mode: str) -> None:
     square = resize_to_square(lesion_image(height, width), 48, mode)
     assert square.shape == (48, 48, 3) and square.dtype == np.uint8
@@ -81,6 +81,9 @@ def test_crop_keeps_the_centre_and_pad_keeps_everything() -> None:
     padded = resize_to_square(image, 30, "pad")
     assert padded[:10].max() == 0 and padded[-10:].max() == 0  # black bands above and below
     assert padded[15, 2, 0] > 200 and padded[15, -3, 2] > 200  # red left, blue right, kept
+    squashed = resize_to_square(image, 30, "squash")
+    assert (squashed[:, :9, 0] > 200).all() and (squashed[:, -9:, 2] > 200).all()  # every row keeps all three thirds
+    assert (np.abs(squashed[:, 12:18].astype(int) - 200) <= 1).all()
 
 
 # ----------------------------------------------------------------------------- colour, hair

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from melanoma.data.sources import SYNTHETIC_MARKER, detect_source, read_dataset
+from melanoma.data.sources import SYNTHETIC_MARKER, combine_datasets, detect_source, read_dataset
 from melanoma.data.splits import grouped_split, split_by_condition
 from melanoma.errors import DataError
 
@@ -221,3 +221,55 @@ def test_images_without_group_are_their_own_group() -> None:
     assert pd.Series(split).value_counts().to_dict() == {"train": 60, "val": 20, "test": 20}
     with pytest.raises(DataError, match="leave no training set"):
         grouped_split(labels, groups, val_fraction=0.5, test_fraction=0.5, seed=3)
+
+
+# --------------------------------------------------------------------------- several sources
+
+
+@pytest.mark.realdata
+def test_ham10000_and_isic_archive_in_one_label_space(ham_dir: Path, isic2019_csv_dir: Path) -> None:
+    """The real HAM10000 folder and the real ISIC 2019 folder (2,280 ISIC Archive images,
+    the others' label rows absent) make one 7-class data set, each image with its source."""
+    dataset = combine_datasets([read_dataset(ham_dir), read_dataset(isic2019_csv_dir)])
+    table = dataset.manifest
+    assert dataset.classes == sorted(HAM_COUNTS) and dataset.source == "ham10000+isic2019"
+    assert len(table) == 12_295 and table["image_id"].is_unique
+    assert table["source"].value_counts().to_dict() == {
+        "vidir_molemax": 3_954, "vidir_modern": 3_363, "isic-archive": 2_280, "rosendahl": 2_259, "vienna_dias": 439}
+    archive_labels = table.loc[table["source"] == "isic-archive", "label"].value_counts().to_dict()
+    assert archive_labels == {"nv": 1_551, "bkl": 386, "mel": 343}
+    # The HAM10000 images are present through the HAM folder: only the other 13,036 rows are missing.
+    assert len(dataset.missing) == 25_331 - 12_295 and "ISIC_0024306" not in dataset.missing
+    # Lesion ids group across sources; images without one are their own group.
+    msk = table[table["source"] == "isic-archive"]
+    assert msk["group_id"].str.startswith("MSK").sum() == 812
+    split = split_by_condition(table, "source=isic-archive", val_fraction=0.15, seed=0)
+    assert (split[table["source"] == "isic-archive"] == "test").all() and (split[table["source"] != "isic-archive"] != "test").all()
+
+
+def test_combine_maps_isic2019_labels_onto_ham_classes(tmp_path: Path) -> None:
+    ham = tmp_path / "ham"
+    (ham / "HAM10000_metadata.csv").parent.mkdir()
+    (ham / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\nHAM_1,ISIC_1,mel\nHAM_2,ISIC_2,akiec\n")
+    touch_images(ham / "HAM10000_images_part_1", ["ISIC_1.jpg", "ISIC_2.jpg"])
+    isic = tmp_path / "isic"
+    isic.mkdir()
+    write_isic2019_truth(isic / "ISIC_2019_Training_GroundTruth.csv",
+                         {"ISIC_1": "MEL", "ISIC_9": "SCC", "ISIC_8": "NV", "BCN_7": "BKL"})
+    (isic / "ISIC_2019_Training_Metadata.csv").write_text(
+        "image,lesion_id\nISIC_1,HAM_1\nISIC_9,MSK4_3\nISIC_8,\nBCN_7,BCN_0007\n")
+    touch_images(isic / "ISIC_2019_Training_Input", ["ISIC_1.jpg", "ISIC_9.jpg", "ISIC_8.jpg", "BCN_7.jpg"])
+    dataset = combine_datasets([read_dataset(ham), read_dataset(isic)])
+    table = dataset.manifest.set_index("image_id")
+    assert dataset.classes == ["akiec", "mel", "bkl", "nv"]  # HAM's names: the first data set's, then new ones
+    assert table.loc["ISIC_9", "label"] == "akiec" and table.loc["ISIC_9", "isic2019_label"] == "SCC"
+    assert table.loc["ISIC_1", "source"] == "ham10000" and str(table.loc["ISIC_1", "path"]).startswith(str(ham))
+    assert table.loc["BCN_7", "source"] == "bcn20000" and table.loc["ISIC_8", "source"] == "isic-archive"
+    assert table.loc["ISIC_8", "group_id"] == "ISIC_8" and table.loc["ISIC_9", "group_id"] == "MSK4_3"
+    assert any("1 image id(s) are in more than one data set" in note for note in dataset.notes)
+    # Restricting classes after combining keeps only those rows.
+    assert set(combine_datasets([read_dataset(ham), read_dataset(isic)], ["mel"]).manifest["label"]) == {"mel"}
+    # HAM10000's labels do not fit ISIC 2019's 8 classes the other way round.
+    with pytest.raises(DataError, match="do not fit") as error:
+        combine_datasets([read_dataset(isic), read_dataset(ham)])
+    assert "--isic2019-labels" in error.value.hint

@@ -16,7 +16,7 @@ from melanoma.data.archive import open_archive
 from melanoma.errors import ModelError
 from melanoma.modeling.evaluate import predict_rows
 from melanoma.modeling.models import small_cnn
-from melanoma.modeling.train import ArchiveFeed, EpochReport, class_weights, train
+from melanoma.modeling.train import ArchiveFeed, EpochReport, class_weights, train, training_model
 
 RUN_FILES = {"run.json", "model.keras", "last.keras", "config.json", "split.csv", "history.csv", "versions.json"}
 
@@ -162,3 +162,22 @@ def test_cli_evaluate_and_runs_print_tables(cli, trained_run: Path, tmp_path: Pa
     averaged = pd.read_csv(run / "predictions_test.csv")
     assert averaged["image"].tolist() == plain["image"].tolist()
     assert not np.allclose(averaged.iloc[:, 1:], plain.iloc[:, 1:])  # the views did change the predictions
+
+
+def test_extra_augmentation_shifts_colour_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    """--extra-augment adds hue, saturation, illuminant and aspect jitter to training only;
+    the trainer (saved as last.keras for --resume) loads back with it."""
+    classifier = small_cnn(num_classes=2, image_size=32)
+    trainer = training_model(classifier, True, seed=0, extra=True)
+    grey = np.full((16, 32, 32, 3), 128, np.float32)
+    augmented = keras.ops.convert_to_numpy(trainer.layers[0](grey, training=True))
+    assert augmented.min() >= 0 and augmented.max() <= 255
+    channel_means = augmented.mean(axis=(1, 2))
+    assert np.abs(channel_means[:, 0] - channel_means[:, 2]).max() > 2  # a colour cast, not only brightness
+    assert np.array_equal(keras.ops.convert_to_numpy(trainer.layers[0](grey, training=False)), grey)
+    names = {layer.__class__.__name__ for layer in trainer.layers[0].layers}
+    assert {"RandomHue", "RandomSaturation", "RandomIlluminant"} <= names
+    trainer.save(tmp_path / "last.keras")
+    reloaded = keras.models.load_model(tmp_path / "last.keras")
+    assert [layer.__class__.__name__ for layer in reloaded.layers[0].layers] == [
+        layer.__class__.__name__ for layer in trainer.layers[0].layers]

@@ -76,9 +76,18 @@ def prepare(
         Optional[str],
         typer.Option(help="Layout of the data set: auto, isic2019, ham10000, isic2020 or folder (one sub-folder per class)."),
     ] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="The data set, as distributed (default: data_dir setting).")] = None,
+    data_dirs: Annotated[
+        Optional[list[Path]],
+        typer.Option("--data-dir", help="The data set, as distributed (default: data_dir setting). Repeat it to put "
+                                        "several data sets in one archive, each image keeping its `source`."),
+    ] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Archive folder to write (default: archive_dir setting).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Side of the square images, in pixels.")] = None,
+    resize_mode: Annotated[
+        Optional[str],
+        typer.Option(help="Framing: crop (centred square), pad (whole image, black borders) or squash (whole image "
+                          "resized to the square)."),
+    ] = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the train/val/test split.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(help="Share of images for validation.")] = None,
@@ -111,24 +120,30 @@ def prepare(
     """
     from melanoma.data.archive import build_archive
     from melanoma.data.preprocess import PreprocessParams
-    from melanoma.data.sources import detect_source, read_dataset
+    from melanoma.data.sources import combine_datasets, detect_source, read_dataset
 
+    data_dirs = data_dirs or []
     settings = settings_for(
-        ctx, source=source, data_dir=data_dir, archive_dir=out_dir, image_size=image_size, workers=workers, seed=seed,
-        val_fraction=val_fraction, test_fraction=test_fraction, test_where=test_where,
-        color_constancy=color_constancy, crop_vignette=crop_vignette, hair_removal=hair_removal,
+        ctx, source=source, data_dir=data_dirs[0] if data_dirs else None, archive_dir=out_dir, image_size=image_size,
+        resize_mode=resize_mode, workers=workers, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+        test_where=test_where, color_constancy=color_constancy, crop_vignette=crop_vignette, hair_removal=hair_removal,
     )
-    chosen = settings.source
-    if chosen == "auto":
-        chosen = detect_source(settings.data_dir)
-        out.print(f"Detected a [bold]{chosen}[/] data set in {settings.data_dir}.")
-    dataset = read_dataset(settings.data_dir, chosen, classes=settings.classes, isic2019_labels=isic2019_labels,
-                           isic2020_target=isic2020_target)
+    datasets = []
+    for folder in [settings.data_dir, *data_dirs[1:]]:
+        chosen = settings.source
+        if chosen == "auto":
+            chosen = detect_source(folder)
+            out.print(f"Detected a [bold]{chosen}[/] data set in {folder}.")
+        datasets.append(read_dataset(folder, chosen, isic2019_labels=isic2019_labels if chosen == "ham10000" else None,
+                                     isic2020_target=isic2020_target))
+    dataset = combine_datasets(datasets, settings.classes)
     if dataset.source == "synthetic":
         out.print("[bold yellow]SYNTHETIC images, for demonstration only: no result on them means anything.[/]")
     for note in dataset.notes:
         out.print(f"Note: {note}")
     out.print(f"{len(dataset.manifest):,} images of {len(dataset.classes)} classes found.")
+    if len(datasets) > 1:
+        out.print("Images per source: " + ", ".join(f"{name} {n:,}" for name, n in dataset.manifest["source"].value_counts().items()))
     if dataset.missing:
         out.print(f"[yellow]{len(dataset.missing):,} label rows have no image file[/] "
                   f"(listed in {settings.archive_dir / 'missing.csv'}).")
@@ -462,6 +477,7 @@ def train_command(
     run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs_dir/<timestamp>-<model>).")] = None,
     class_balance: Annotated[Optional[str], typer.Option(help="weights (inverse frequency), sampling (balanced batches) or none.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
+    extra_augment: Annotated[Optional[bool], typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
     time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Stop training after this many minutes.")] = None,
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Pretrained backbones: epochs that train the new head only.")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run.")] = None,
@@ -479,7 +495,7 @@ def train_command(
 
     settings = settings_for(
         ctx, archive_dir=archive, model=model, weights=weights, epochs=epochs, batch_size=batch_size, learning_rate=lr,
-        seed=seed, class_balance=class_balance, augment=augment, time_limit_minutes=time_limit,
+        seed=seed, class_balance=class_balance, augment=augment, extra_augment=extra_augment, time_limit_minutes=time_limit,
         freeze_epochs=freeze_epochs, tensorboard=tensorboard,
     )
     if resume:
@@ -497,7 +513,7 @@ def train_command(
     result = train(
         opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
         batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
-        class_balance=settings.class_balance, augment=settings.augment,
+        class_balance=settings.class_balance, augment=settings.augment, extra_augment=settings.extra_augment,
         early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
         freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
         weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
@@ -696,7 +712,7 @@ def demo(
     # The demo owns its archive folder: an archive of another data set there is replaced.
     header = settings.archive_dir / "header.json"
     other_data = header.is_file() and Path(json.loads(header.read_text()).get("data_root", "")).resolve() != data_dir.resolve()
-    prepare(ctx, data_dir=data_dir, force=other_data)
+    prepare(ctx, data_dirs=[data_dir], force=other_data)
 
     run_dir = settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-demo-{settings.model}"
     out.print(f"[bold]2/4 Train[/]: at most {settings.demo_epochs} epochs or {settings.demo_time_limit_minutes:g} minutes.")

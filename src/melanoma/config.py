@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     crop_vignette: bool = Field(True, description="Crop the dark circular vignette of BCN-style images.")
     color_constancy: bool = Field(True, description="Shades of Gray colour constancy (p=6).")
     hair_removal: bool = Field(False, description="DullRazor-style hair removal (can erase diagnostic dots).")
-    resize_mode: Literal["crop", "pad"] = "crop"
+    resize_mode: Literal["crop", "pad", "squash"] = "crop"
     max_pixels: int = Field(50_000_000, ge=1, description="Refuse images with more pixels (decompression bombs).")
     min_side: int = Field(8, ge=1, description="Refuse images with a smaller side.")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     learning_rate: float = Field(1e-3, gt=0)
     class_balance: Literal["weights", "sampling", "none"] = "weights"
     augment: bool = True
+    extra_augment: bool = Field(False, description="Also jitter aspect ratio, hue, saturation and illuminant.")
     early_stopping_patience: int = Field(8, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0, description="Stop training after this many minutes.")
     freeze_epochs: int = Field(2, ge=0, description="Pretrained backbones: epochs that train the new head only.")

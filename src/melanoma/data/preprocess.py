@@ -49,6 +49,7 @@ JPEG_EOI = b"\xff\xd9"
 JPEG_FORMATS = ("JPEG", "MPO")
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1
+RESIZE_MODES = ("crop", "pad", "squash")
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,13 @@ class PreprocessParams:
     crop_vignette: bool = True
     color_constancy: bool = True
     hair_removal: bool = False
-    resize_mode: str = "crop"  # "crop" | "pad"
+    resize_mode: str = "crop"  # "crop" | "pad" | "squash"
     max_pixels: int = 50_000_000
     min_side: int = 8
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in ("crop", "pad"):
-            raise MelanomaError(f"resize_mode must be 'crop' or 'pad', not {self.resize_mode!r}.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise MelanomaError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}.")
         if self.image_size < 1 or self.max_pixels < 1 or self.min_side < 1:
             raise MelanomaError(f"image_size, max_pixels and min_side must be positive: {self}.")
 
@@ -245,8 +246,8 @@ def _check_size(width: int, height: int, params: PreprocessParams, label: str) -
 
 
 def _side_needed(height: int, width: int, params: PreprocessParams) -> int:
-    """The side that the resize maps onto image_size: the shorter one to crop, the longer to pad."""
-    return min(height, width) if params.resize_mode == "crop" else max(height, width)
+    """The side that the resize maps onto image_size: the longer one to pad, else the shorter."""
+    return max(height, width) if params.resize_mode == "pad" else min(height, width)
 
 
 def _factor_for(side: int, target: int) -> int:
@@ -359,9 +360,12 @@ def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def resize_to_square(rgb: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
-    """Keep the aspect ratio: ``crop`` takes the centred square of the shorter side,
-    ``pad`` fits the longer side and pads the rest with black, centred."""
+    """``crop`` takes the centred square of the shorter side, ``pad`` fits the longer side
+    and pads the rest with black, centred (both keep the aspect ratio); ``squash`` resizes the
+    whole image to the square, as ISIC Archive images squashed by their publisher already are."""
     height, width = rgb.shape[:2]
+    if mode == "squash":
+        return _resize(rgb, size, size)
     if mode == "crop":
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2

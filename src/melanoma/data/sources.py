@@ -17,6 +17,13 @@ Readers, one per layout (see ../shared/DESIGN.md §3):
   (written by :func:`melanoma.data.synthetic.make_synthetic_dataset`) is read the same way
   but gets the source ``"synthetic"``, so that the archive records its origin.
 
+Every manifest has a ``source`` column, the collection or clinic each image comes from:
+HAM10000's ``dataset`` site where the sites file is present (rosendahl, vidir_modern, ...),
+for ISIC 2019 the collection its lesion id names (``ham10000``, ``bcn20000``) or
+``isic-archive``, else the reader's name. :func:`combine_datasets` joins several data sets
+into one label space, so that one archive can hold several sources and
+``--test-where source=...`` gives leave-one-source-out splits.
+
 Structural problems (a CSV missing or malformed, a required column absent, duplicate or
 unknown ids, an unreadable folder) raise :class:`DataError` before any image is touched.
 A label row whose image file is absent is not an error: it is listed in
@@ -48,7 +55,14 @@ ISIC2020_IMAGES = "train"
 ISIC2020_TARGET_CLASSES = ("benign", "melanoma")
 
 # Columns every manifest starts with; readers add metadata columns after them.
-MANIFEST_COLUMNS = ["image_id", "label", "group_id", "path"]
+MANIFEST_COLUMNS = ["image_id", "label", "group_id", "path", "source"]
+
+# ISIC 2019's 8 classes onto HAM10000's 7 (HAM's akiec covers both AK and SCC).
+ISIC2019_TO_HAM = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AK": "akiec", "SCC": "akiec", "BKL": "bkl", "DF": "df",
+                   "VASC": "vasc"}
+# ISIC 2019 lesion ids start with the collection they come from; the rest is the ISIC Archive.
+ISIC2019_LESION_SOURCES = {"HAM_": "ham10000", "BCN_": "bcn20000"}
+ISIC_ARCHIVE_SOURCE = "isic-archive"
 
 
 @dataclass
@@ -144,6 +158,9 @@ def _read_isic2019(root: Path) -> Dataset:
     else:
         notes.append(f"{metadata_path.name} not found: no lesion ids, every image is its own group.")
         table["group_id"] = pd.NA
+    table["source"] = ISIC_ARCHIVE_SOURCE
+    for prefix, name in ISIC2019_LESION_SOURCES.items():
+        table.loc[table["group_id"].astype("string").str.startswith(prefix).fillna(False), "source"] = name
     images = _index_images([root / ISIC2019_IMAGES], required=True)
     return _finish(Dataset("isic2019", root, classes, table, notes=notes), images)
 
@@ -160,6 +177,7 @@ def _read_ham10000(root: Path, isic2019_labels: Path | None) -> Dataset:
         extra = [c for c in sites.columns if c not in table.columns and c not in ("lesion_id", "dx")]
         table = table.merge(sites[["image_id", *extra]], on="image_id", how="left")
         notes.append(f"Merged {', '.join(extra) or 'no'} column(s) from {sites_path.name}.")
+    table["source"] = table["dataset"] if "dataset" in table.columns else "ham10000"
     classes = sorted(table["label"].unique())
     if isic2019_labels is not None:
         classes = _relabel_from_isic2019(table, Path(isic2019_labels), metadata_path, notes)
@@ -347,12 +365,66 @@ def _finish(dataset: Dataset, images: dict[str, Path] | None) -> Dataset:
         missing = table["path"].isna()
         dataset.missing = sorted(table.loc[missing, "image_id"])
         table = table.loc[~missing]
+    if "source" not in table.columns:
+        table["source"] = dataset.source
+    table["source"] = table["source"].fillna(dataset.source)
     # Images without a lesion/patient id are their own group.
     group = table["group_id"].astype("string").str.strip().replace("", pd.NA)
     table = table.assign(group_id=group.fillna(table["image_id"]).astype(str))
     table = table[MANIFEST_COLUMNS + [c for c in table.columns if c not in MANIFEST_COLUMNS]]
     dataset.manifest = table.sort_values("image_id", kind="stable").reset_index(drop=True)
     return dataset
+
+
+def combine_datasets(datasets: list[Dataset], classes: list[str] | None = None) -> Dataset:
+    """One data set from several, in the label space of the first; ``classes`` as in
+    :func:`read_dataset`.
+
+    ISIC 2019 labels become HAM10000's where the first data set uses those (AK and SCC both
+    become ``akiec``); otherwise every data set must use the first one's class names. An image
+    id found in several data sets is kept from the first of them. A label row without an
+    image is ``missing`` only where no data set has that image.
+    """
+    first = datasets[0]
+    if len(datasets) > 1:
+        first = _joined(datasets)
+    if classes is not None:
+        _restrict_classes(first, classes)
+        if first.manifest.empty:
+            raise DataError(f"No images of the classes {', '.join(classes)} were found.", hint="Check the classes setting.")
+    return first
+
+
+def _joined(datasets: list[Dataset]) -> Dataset:
+    first = datasets[0]
+    tables, notes = [], []
+    for dataset in datasets:
+        tables.append(_in_label_space(dataset, first))
+        notes += [f"{dataset.root}: {note}" for note in dataset.notes]
+    table = pd.concat(tables, ignore_index=True)
+    repeated = table["image_id"].duplicated()
+    if repeated.any():
+        notes.append(f"{int(repeated.sum())} image id(s) are in more than one data set "
+                     f"(e.g. {', '.join(table.loc[repeated, 'image_id'][:3])}): each is kept from the first data set.")
+    table = table.loc[~repeated].sort_values("image_id", kind="stable").reset_index(drop=True)
+    classes = list(first.classes) + sorted(set(table["label"]) - set(first.classes))
+    missing = sorted({i for dataset in datasets for i in dataset.missing} - set(table["image_id"]))
+    return Dataset("+".join(d.source for d in datasets), first.root, classes, table, missing, notes)
+
+
+def _in_label_space(dataset: Dataset, reference: Dataset) -> pd.DataFrame:
+    """``dataset``'s manifest with labels named as ``reference``'s (DataError if impossible)."""
+    table = dataset.manifest
+    if set(dataset.classes) <= set(reference.classes):
+        return table
+    if set(dataset.classes) <= set(ISIC2019_TO_HAM) and set(reference.classes) <= set(ISIC2019_TO_HAM.values()):
+        return table.assign(label=table["label"].map(ISIC2019_TO_HAM), isic2019_label=table["label"])
+    raise DataError(
+        f"The classes of {dataset.root} ({', '.join(dataset.classes)}) do not fit those of {reference.root} "
+        f"({', '.join(reference.classes)}).",
+        hint="Give data sets with the same class names; ISIC 2019 labels fit HAM10000's 7 classes "
+             "(list the HAM10000 folder first), or use --isic2019-labels to give HAM10000 the 8 ISIC 2019 classes.",
+    )
 
 
 def _restrict_classes(dataset: Dataset, classes: list[str]) -> None:

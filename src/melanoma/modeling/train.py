@@ -125,20 +125,51 @@ class ArchiveFeed(keras.utils.PyDataset):
         self.order = self._epoch_order()
 
 
-def augmentation(seed: int) -> keras.Sequential:
+def augmentation(seed: int, extra: bool = False) -> keras.Sequential:
     """Random flips, rotations, zoom, brightness and contrast, for 0..255 images.
 
     Dermoscopic lesions have no natural orientation, hence flips both ways and any angle.
+    ``extra`` adds what differs between clinics: aspect ratio (zoom per axis; some
+    publishers squash images), hue, saturation and the illuminant (a random gain per channel).
     """
     from keras import layers
 
-    return keras.Sequential([
+    zoom = (-0.2, 0.1)
+    stages = [
         layers.RandomFlip("horizontal_and_vertical", seed=seed),
         layers.RandomRotation(0.5, fill_mode="reflect", seed=seed + 1),
-        layers.RandomZoom((-0.2, 0.1), fill_mode="reflect", seed=seed + 2),
+        layers.RandomZoom(zoom, width_factor=zoom if extra else None, fill_mode="reflect", seed=seed + 2),
         layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
         layers.RandomContrast(0.2, value_range=(0, 255), seed=seed + 4),
-    ], name="augmentation")
+    ]
+    if extra:
+        stages += [
+            layers.RandomHue(0.05, value_range=(0, 255), seed=seed + 5),
+            layers.RandomSaturation((0.35, 0.65), value_range=(0, 255), seed=seed + 6),
+            RandomIlluminant(0.1, seed=seed + 7),
+        ]
+    return keras.Sequential(stages, name="augmentation")
+
+
+@keras.saving.register_keras_serializable(package="melanoma")
+class RandomIlluminant(keras.layers.Layer):
+    """Multiplies each channel of each training image by a gain drawn from 1 ± ``delta``: the
+    colour cast of another light or camera, which Shades of Gray only partly removes."""
+
+    def __init__(self, delta: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.delta, self.seed = delta, seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        shape = (keras.ops.shape(images)[0], 1, 1, 3)
+        gains = keras.random.uniform(shape, 1 - self.delta, 1 + self.delta, seed=self.generator)
+        return keras.ops.clip(images * gains, 0, 255)
+
+    def get_config(self):
+        return {**super().get_config(), "delta": self.delta, "seed": self.seed}
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -317,6 +348,7 @@ def train(
     seed: int,
     class_balance: ClassBalance = "weights",
     augment: bool = True,
+    extra_augment: bool = False,
     early_stopping_patience: int = 8,
     time_limit_minutes: float | None = None,
     freeze_epochs: int = 0,
@@ -357,6 +389,7 @@ def train(
         options = {
             "model": model_name, "weights": str(weights), "epochs": epochs, "batch_size": batch_size,
             "learning_rate": learning_rate, "seed": seed, "class_balance": class_balance, "augment": augment,
+            "extra_augment": extra_augment and augment,
             "early_stopping_patience": early_stopping_patience, "time_limit_minutes": time_limit_minutes,
             "freeze_epochs": freeze_epochs if is_pretrainable(model_name) and str(weights) != "none" else 0,
             "tensorboard": tensorboard,
@@ -366,7 +399,7 @@ def train(
         # Built before the run folder exists, so that a bad model name or weights file leaves nothing behind.
         classifier = build_model(model_name, num_classes=len(archive.classes), image_size=archive.images.shape[1],
                                  weights=weights, weights_dir=weights_dir)
-        trainer = training_model(classifier, augment, seed)
+        trainer = training_model(classifier, augment, seed, extra=options["extra_augment"])
         meta = _start_run(run_dir, archive, options, settings_dump or {})
     first_epoch = int(meta["epochs_done"])
     num_classes = len(archive.classes)
@@ -460,9 +493,9 @@ def _phases(options: dict[str, Any], first_epoch: int) -> list[_Phase]:
     return [phase for phase in phases if phase.end > max(phase.start, first_epoch)]
 
 
-def training_model(classifier: keras.Model, augment: bool, seed: int) -> keras.Sequential:
+def training_model(classifier: keras.Model, augment: bool, seed: int, *, extra: bool = False) -> keras.Sequential:
     """The model that is fitted: augmentation (if any) then the classifier, sharing its weights."""
-    stages = [augmentation(seed)] if augment else []
+    stages = [augmentation(seed, extra)] if augment else []
     return keras.Sequential([keras.Input(shape=classifier.input_shape[1:], name="image"), *stages, classifier],
                             name="trainer")
 
