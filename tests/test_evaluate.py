@@ -182,10 +182,10 @@ def test_evaluation_files_follow_the_isic_scorer_rules(trained_run: Path, small_
     for path in metrics["figures"].values():
         assert (trained_run / path).stat().st_size > 1000 and f"]({path})" in report
     assert f"{metrics['bma']:.3f}" in report
-    # HAM10000's sites (the `dataset` column) and its histopathology-confirmed nevi.
+    # HAM10000's sites (its `dataset` column, the archive's `source`) and its histopathology-confirmed nevi.
     sources = metrics["per_source"]["sources"]
-    assert metrics["per_source"]["column"] == "dataset" and set(sources) <= {"rosendahl", "vidir_modern",
-                                                                              "vidir_molemax", "vienna_dias"}
+    assert metrics["per_source"]["column"] == "source" and set(sources) <= {"rosendahl", "vidir_modern",
+                                                                             "vidir_molemax", "vienna_dias"}
     assert sum(row["n_images"] for row in sources.values()) == metrics["n_images"]
     assert metrics["melanoma_vs_nevi"]["histopathology"]["nevi"] <= metrics["melanoma_vs_nevi"]["all"]["nevi"]
-    assert "## By source (manifest column `dataset`)" in report and "## Melanoma vs nevi" in report
+    assert "## By source (manifest column `source`)" in report and "## Melanoma vs nevi" in report

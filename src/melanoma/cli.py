@@ -574,7 +574,8 @@ def _print_subgroups(metrics: dict[str, Any]) -> None:
     """The per-source and melanoma-vs-nevi figures of an evaluation, where it has them."""
     per_source = metrics.get("per_source")
     if per_source:
-        table = Table(title=f"By source ({per_source['column']})")
+        column = per_source["column"]
+        table = Table(title="By source" + ("" if column == "source" else f" (the manifest's {column} column)"))
         for column in ("source", "images", "melanomas", "BMA", "melanoma ROC AUC"):
             table.add_column(column, justify="left" if column == "source" else "right")
         for name, row in per_source["sources"].items():
