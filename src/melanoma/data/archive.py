@@ -42,6 +42,7 @@ from melanoma.data.sources import MANIFEST_COLUMNS, Dataset
 from melanoma.data.splits import SPLITS, grouped_split, split_by_condition
 from melanoma.errors import DataError, ImageError, MelanomaError
 from melanoma.modeling.runs import write_json
+from melanoma.provenance import git_state
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
@@ -168,6 +169,7 @@ def build_archive(
         "notes": dataset.notes,
         "sha256": _sha256(partial / IMAGES_FILE),
         "versions": _versions(),
+        "git": git_state(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
     }
