@@ -23,8 +23,8 @@ from isic_challenge_scoring.load_csv import parse_truth_csv, sort_rows, validate
 from melanoma.modeling.evaluate import TIE, classification_metrics, isic_columns, predicted_labels
 
 TOLERANCE = 1e-6
-# The scorer's own pandas deprecations (inplace=...), not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword")
+# The scorer's own pandas deprecations (inplace=..., verify_integrity=...), not ours to fix.
+pytestmark = [pytest.mark.filterwarnings("ignore:The inplace keyword"), pytest.mark.filterwarnings("ignore:The 'verify_integrity'")]
 
 
 def read_predictions(path: Path, categories: pd.Index) -> pd.DataFrame:

@@ -40,6 +40,7 @@ from sklearn.metrics import (
 
 from melanoma.config import ISIC2019_CLASSES, MELANOMA_LABELS
 from melanoma.errors import ModelError
+from melanoma.modeling.cards import fmt, fmt_ci, train_command, write_model_card
 from melanoma.modeling.runs import METRICS_FILE, read_run, write_json
 
 if TYPE_CHECKING:
@@ -325,6 +326,7 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     metrics = _json_safe(metrics)
     write_json(run_dir / METRICS_FILE, metrics)
     _write_text(run_dir / REPORT_FILE, render_report(run.meta, metrics, archive, run_dir))
+    write_model_card(run_dir, archive.header)
     return metrics
 
 
@@ -340,13 +342,12 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
     confusion matrix, figures, and the commands that reproduce it."""
     ci = metrics.get("ci", {})
     split = metrics["split"]
-    training = meta.get("training", {})
     lines = [
         f"# Evaluation of run `{meta.get('run_id')}` on the {split} split",
         "",
         f"Model `{meta.get('model')}` (weights: {meta.get('weights')}), {meta.get('image_size')} px, "
         f"{meta.get('epochs_done')} epoch(s) (best: epoch {(meta.get('best') or {}).get('epoch')}, "
-        f"val BMA {_fmt((meta.get('best') or {}).get('val_bma'))}). Archive `{archive.path}` "
+        f"val BMA {fmt((meta.get('best') or {}).get('val_bma'))}). Archive `{archive.path}` "
         f"(sha256 {str(archive.header.get('sha256'))[:12]}…, split seed {archive.header.get('seed')}"
         f"{', test where ' + str(archive.header.get('test_where')) if archive.header.get('test_where') else ''}): "
         f"{metrics['n_images']} images in the {split} split"
@@ -357,18 +358,18 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         "",
         "| metric | value | 95% CI (lesion bootstrap) |",
         "|---|---|---|",
-        f"| balanced multiclass accuracy | {_fmt(metrics['bma'])} | {_fmt_ci(ci.get('bma'))} |",
-        f"| accuracy | {_fmt(metrics['accuracy'])} | |",
-        f"| macro ROC AUC | {_fmt(metrics['macro_auc'])} | |",
-        f"| macro average precision | {_fmt(metrics.get('macro_ap'))} | |",
+        f"| balanced multiclass accuracy | {fmt(metrics['bma'])} | {fmt_ci(ci.get('bma'))} |",
+        f"| accuracy | {fmt(metrics['accuracy'])} | |",
+        f"| macro ROC AUC | {fmt(metrics['macro_auc'])} | |",
+        f"| macro average precision | {fmt(metrics.get('macro_ap'))} | |",
     ]
     melanoma = metrics.get("melanoma")
     if melanoma:
-        lines.append(f"| melanoma ROC AUC | {_fmt(melanoma['auc'])} | {_fmt_ci(ci.get('melanoma_auc'))} |")
+        lines.append(f"| melanoma ROC AUC | {fmt(melanoma['auc'])} | {fmt_ci(ci.get('melanoma_auc'))} |")
     lines += [
-        f"| expected calibration error ({ECE_BINS} bins) | {_fmt(metrics['ece'])} | |",
-        f"| Brier score (multiclass, 0..2) | {_fmt(metrics['brier'])} | |",
-        f"| log loss | {_fmt(metrics['log_loss'])} | |",
+        f"| expected calibration error ({ECE_BINS} bins) | {fmt(metrics['ece'])} | |",
+        f"| Brier score (multiclass, 0..2) | {fmt(metrics['brier'])} | |",
+        f"| log loss | {fmt(metrics['log_loss'])} | |",
     ]
     if melanoma:
         lines += [
@@ -380,15 +381,15 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
             "",
             "| sensitivity | specificity | specificity at the target sensitivity | partial AUC (sens. ≥ 0.8) | melanomas | others |",
             "|---|---|---|---|---|---|",
-            f"| {_fmt(melanoma['sensitivity'])} | {_fmt(melanoma['specificity'])} | {_fmt(melanoma['specificity_at_target'])} "
-            f"| {_fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |",
+            f"| {fmt(melanoma['sensitivity'])} | {fmt(melanoma['specificity'])} | {fmt(melanoma['specificity_at_target'])} "
+            f"| {fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |",
         ]
     lines += ["", "## Per class", "",
               "| class | images | recall | precision | ROC AUC | partial AUC (sens. ≥ 0.8) | average precision |",
               "|---|---|---|---|---|---|---|"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"| {name} | {row['support']} | {_fmt(row['recall'])} | {_fmt(row['precision'])} | "
-                     f"{_fmt(row['auc'])} | {_fmt(row['pauc_80'])} | {_fmt(row.get('ap'))} |")
+        lines.append(f"| {name} | {row['support']} | {fmt(row['recall'])} | {fmt(row['precision'])} | "
+                     f"{fmt(row['auc'])} | {fmt(row['pauc_80'])} | {fmt(row.get('ap'))} |")
     if metrics.get("ties"):
         lines += ["", f"{metrics['ties']} image(s) had two classes tied for the top probability: counted as wrong "
                   "(as the ISIC scorer does) and left out of the confusion matrix."]
@@ -404,12 +405,7 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         "## Reproduce",
         "",
         "```",
-        f"melanoma train --archive {archive.path} --model {meta.get('model')} --weights {meta.get('weights')} "
-        f"--epochs {training.get('epochs')} --batch-size {training.get('batch_size')} --lr {training.get('learning_rate')} "
-        f"--seed {training.get('seed')} --class-balance {training.get('class_balance')}"
-        f"{'' if training.get('augment', True) else ' --no-augment'}"
-        f"{' --time-limit ' + str(training.get('time_limit_minutes')) if training.get('time_limit_minutes') else ''}"
-        f"{' --freeze-epochs ' + str(training.get('freeze_epochs')) if training.get('freeze_epochs') else ''}",
+        train_command(meta, archive.path),
         f"melanoma evaluate --run {run_dir} --split {split} --archive {archive.path}",
         "```",
         "",
@@ -445,14 +441,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _fmt_ci(interval: list[float] | None) -> str:
-    return "–" if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:

@@ -52,6 +52,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
+from melanoma.modeling.cards import write_model_card
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
 from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, write_json
@@ -421,9 +422,11 @@ def train(
         save_model(trainer, run_dir / LAST_FILE)
         meta.update(status=INTERRUPTED, train_seconds=round(clock.seconds(), 1))
         write_json(run_dir / RUN_FILE, meta)
+        write_model_card(run_dir, archive.header)
         return _result(run_dir, meta, "interrupt", time.monotonic() - started)
     meta.update(status=COMPLETE, stopped_by=stopped_by, finished=_now())
     write_json(run_dir / RUN_FILE, meta)
+    write_model_card(run_dir, archive.header)
     return _result(run_dir, meta, stopped_by, time.monotonic() - started)
 
 
