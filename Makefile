@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 LOCK    = requirements.lock
-EXTRAS  = test,tracking
+EXTRAS  = test
 
 .PHONY: demo test test-fast install lock browser clean
 
@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet --constraint $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# Re-resolve every dependency (and the test and tracking extras) to its newest allowed
+# Re-resolve every dependency (and the test extra) to its newest allowed
 # version, in a throwaway environment; review the diff, run `make test`, commit the lock.
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet "pip-tools==7.*"
 	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras --no-emit-index-url \
-		--no-emit-find-links --extra test --extra tracking --output-file $(LOCK) pyproject.toml
+		--no-emit-find-links --extra test --output-file $(LOCK) pyproject.toml
 
 install: $(STAMP)
 
