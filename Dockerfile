@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MPLBACKEND=Agg
 
 WORKDIR /app
-COPY pyproject.toml README.md requirements.lock ./
+COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY src ./src
 # The versions the tests passed with (requirements.lock; `make lock` refreshes it).
 RUN pip install --constraint requirements.lock . \
