@@ -88,6 +88,18 @@ def read_run(run_dir: Path) -> RunInfo:
     return RunInfo(run_dir, meta, classes, image_size, params, model_path, metrics)
 
 
+def list_runs(runs_dir: Path) -> list[RunInfo]:
+    """All readable runs under ``runs_dir``, oldest first; unreadable folders are skipped."""
+    runs = []
+    for child in sorted(Path(runs_dir).glob("*/")):
+        if (child / RUN_FILE).is_file():
+            try:
+                runs.append(read_run(child))
+            except ModelError:
+                continue
+    return runs
+
+
 # --------------------------------------------------------------------------- listing
 FAILED = "failed"  # run.json says "running", but the process that trained it is gone
 UNREADABLE = "unreadable"
