@@ -11,30 +11,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from melanoma.config import Settings, load_settings
+from melanoma.config import (ClassBalanceChoice, DownloadChoice, EngineChoice, ExplainMethod, ExportFormat, Isic2020Target,
+                             ListFormat, ModelChoice, PredictFormat, SegmentationChoice, Settings, SourceChoice,
+                             SplitChoice, load_settings)
 from melanoma.errors import MelanomaError
-
-# The fixed choices of options, as Literal types so that --help lists them and a wrong value
-# is refused before anything runs. Written out here, not imported, so that `melanoma --help`
-# does not load the libraries that define them (tests/test_cli_conventions.py checks they agree).
-SourceChoice = Literal["auto", "isic2019", "ham10000", "isic2020", "folder"]
-Isic2020Target = Literal["target", "diagnosis"]
-DownloadChoice = Literal["isic2019"]
-ModelChoice = Literal["cnn", "mobilenetv3small", "efficientnetb0", "efficientnet-lite0"]
-ClassBalanceChoice = Literal["weights", "sampling", "none"]
-SplitChoice = Literal["train", "val", "test"]
-SegmentationChoice = Literal["slic", "quickshift"]
-PredictFormat = Literal["table", "csv", "isic", "json"]
-EngineChoice = Literal["keras", "onnx"]
-ExplainMethod = Literal["lime", "gradcam", "both"]
-ExportFormat = Literal["onnx"]
-ListFormat = Literal["table", "csv", "json"]
 
 app = typer.Typer(
     name="melanoma",
@@ -572,18 +558,12 @@ def runs_command(
 
     Status: complete, interrupted (resume it), running, failed (its process is gone) or unreadable.
     """
-    import pandas as pd
-
-    from melanoma.modeling.runs import RUN_LIST_COLUMNS, run_rows
+    from melanoma.modeling.runs import run_rows, run_rows_text
 
     settings = settings_for(ctx, runs_dir=runs_dir)
     rows = run_rows(settings.runs_dir)
-    if fmt == "json":
-        out.print(json.dumps(rows, indent=2), markup=False, highlight=False, soft_wrap=True)
-        return
-    if fmt == "csv":
-        out.print(pd.DataFrame(rows, columns=list(RUN_LIST_COLUMNS)).to_csv(index=False), end="", markup=False,
-                  highlight=False, soft_wrap=True)
+    if fmt != "table":
+        out.print(run_rows_text(rows, fmt), end="", markup=False, highlight=False, soft_wrap=True)
         return
     if not rows:
         out.print(f"No runs in {settings.runs_dir}. Train one with `melanoma train`.")

@@ -159,3 +159,12 @@ def run_rows(runs_dir: Path) -> list[dict[str, Any]]:
             row["problem"] = f"no {MODEL_FILE} yet"
         rows.append(row)
     return rows
+
+
+def run_rows_text(rows: list[dict[str, Any]], fmt: str) -> str:
+    """``rows`` of :func:`run_rows` as ``"csv"`` or ``"json"`` text."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=list(RUN_LIST_COLUMNS)).to_csv(index=False)
