@@ -14,9 +14,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MPLBACKEND=Agg
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE requirements.lock ./
 COPY src ./src
-RUN pip install . \
+# The versions the tests passed with (requirements.lock; `make lock` refreshes it).
+RUN pip install --constraint requirements.lock . \
     && useradd --create-home --uid 10001 melanoma
 
 # Never run as root; the run folder is read-only data.

@@ -17,19 +17,33 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from melanoma.config import Settings, load_settings
+from melanoma.config import (ClassBalanceChoice, DownloadChoice, EngineChoice, ExplainMethod, ExportFormat, Isic2020Target,
+                             ListFormat, ModelChoice, PredictFormat, SegmentationChoice, Settings, SourceChoice,
+                             SplitChoice, load_settings)
 from melanoma.errors import MelanomaError
 
 app = typer.Typer(
     name="melanoma",
     help="Dermoscopic skin-lesion classification: prepare data, train, evaluate, explain, serve.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 console = Console(stderr=True, soft_wrap=True)  # never break a path in an error message
 out = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        from melanoma.provenance import git_state
+
+        git = git_state()
+        code = "" if git is None else f" (commit {git['commit'][:12]}{', uncommitted changes' if git['dirty'] else ''})"
+        out.print(f"melanoma {version('melanoma')}{code}", highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
@@ -39,6 +53,9 @@ def _global_options(
         Optional[Path],
         typer.Option("--config", "-c", envvar="MELANOMA_CONFIG", help="TOML file with settings (see `melanoma config show`)."),
     ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     ctx.obj = {"config": config}
 
@@ -73,7 +90,7 @@ def config_show(ctx: typer.Context) -> None:
 def prepare(
     ctx: typer.Context,
     source: Annotated[
-        Optional[str],
+        Optional[SourceChoice],
         typer.Option(help="Layout of the data set: auto, isic2019, ham10000, isic2020 or folder (one sub-folder per class)."),
     ] = None,
     data_dirs: Annotated[
@@ -101,7 +118,7 @@ def prepare(
         typer.Option(help="HAM10000 only: ISIC_2019_Training_GroundTruth.csv, to use its 8 classes (akiec -> AK or SCC)."),
     ] = None,
     isic2020_target: Annotated[
-        str, typer.Option(help="ISIC 2020 only: 'target' (benign/melanoma) or 'diagnosis' (one class each).")
+        Isic2020Target, typer.Option(help="ISIC 2020 only: 'target' (benign/melanoma) or 'diagnosis' (one class each).")
     ] = "target",
     color_constancy: Annotated[
         Optional[bool], typer.Option("--color-constancy/--no-color-constancy", help="Shades of Gray colour constancy.")
@@ -190,7 +207,7 @@ def _print_archive_summary(summary: Any) -> None:
 @app.command("download")
 def download(
     ctx: typer.Context,
-    dataset: Annotated[str, typer.Argument(help="The data set to fetch: isic2019.")],
+    dataset: Annotated[DownloadChoice, typer.Argument(help="The data set to fetch: isic2019.")],
     dest: Annotated[
         Optional[Path], typer.Option("--dest", help="Folder to put it in (default: the data_dir setting).")
     ] = None,
@@ -259,7 +276,7 @@ MaxPixelsOption = Annotated[
     Optional[int], typer.Option(help="Refuse images with more pixels (default: max_pixels setting).")
 ]
 SegmentationOption = Annotated[
-    Optional[str], typer.Option("--segmentation", help="Superpixels for LIME: slic (fast) or quickshift "
+    Optional[SegmentationChoice], typer.Option("--segmentation", help="Superpixels for LIME: slic (fast) or quickshift "
                                 "(default: lime_segmentation setting).")
 ]
 SuperpixelsOption = Annotated[
@@ -290,12 +307,12 @@ def predict(
     ] = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the predictions to this file.")] = None,
     fmt: Annotated[
-        Optional[str],
+        Optional[PredictFormat],
         typer.Option("--format", help="table, csv, isic (ISIC 2019 submission) or json (default: table, "
                      "or from the --out suffix)."),
     ] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips/rotations of each image.")] = False,
-    engine: Annotated[str, typer.Option(help="keras, or onnx (needs `melanoma export`).")] = "keras",
+    engine: Annotated[EngineChoice, typer.Option(help="keras, or onnx (needs `melanoma export`).")] = "keras",
     max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Classify images with a trained run. Unreadable files are reported and skipped."""
@@ -347,7 +364,7 @@ def explain(
     ctx: typer.Context,
     run: RunOption,
     image: Annotated[Path, typer.Argument(help="The image to explain.", show_default=False)],
-    method: Annotated[str, typer.Option(help="lime, gradcam or both.")] = "both",
+    method: Annotated[ExplainMethod, typer.Option(help="lime, gradcam or both.")] = "both",
     samples: Annotated[Optional[int], typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="LIME seed: same seed, same explanation (default: seed setting).")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Explain the k most probable classes (default: explain_top_k).")] = None,
@@ -383,7 +400,7 @@ def explain_eval(
     run: RunOption,
     archive_dir: Annotated[Optional[Path], typer.Option("--archive", help="Archive to draw images from "
                                                         "(default: the run's archive, else archive_dir).")] = None,
-    split: Annotated[str, typer.Option(help="Split to draw images from.")] = "test",
+    split: Annotated[SplitChoice, typer.Option(help="Split to draw images from.")] = "test",
     n: Annotated[Optional[int], typer.Option("--n", min=1, help="Number of images (default: explain_eval_images).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the image draw and the first LIME seed.")] = None,
@@ -430,7 +447,7 @@ def explain_eval(
 @app.command("export")
 def export(
     run: RunOption,
-    fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="Export format (onnx).")] = "onnx",
 ) -> None:
     """Export a run's model (model.onnx for ONNX Runtime: `melanoma predict --engine onnx`)."""
     from melanoma.modeling.export import export_model
@@ -468,14 +485,14 @@ def train_command(
     ctx: typer.Context,
     archive: Annotated[Optional[Path], typer.Option(help="Archive from `melanoma prepare` (default: archive_dir setting; "
                                                          "with --resume, the run's own archive).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="efficientnet-lite0 (default; ImageNet-pretrained), cnn, efficientnetb0 or mobilenetv3small.")] = None,
+    model: Annotated[Optional[ModelChoice], typer.Option(help="efficientnet-lite0 (default; ImageNet-pretrained), cnn, efficientnetb0 or mobilenetv3small.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="imagenet, none, or a .weights.h5 file (default: imagenet for backbones, none for the CNN).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum number of epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per training step.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Starting learning rate (cosine decay).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, batch order and augmentation.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs_dir/<timestamp>-<model>).")] = None,
-    class_balance: Annotated[Optional[str], typer.Option(help="weights (inverse frequency), sampling (balanced batches) or none.")] = None,
+    class_balance: Annotated[Optional[ClassBalanceChoice], typer.Option(help="weights (inverse frequency), sampling (balanced batches) or none.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
     extra_augment: Annotated[Optional[bool], typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
     time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Stop training after this many minutes.")] = None,
@@ -532,7 +549,7 @@ def train_command(
 def evaluate_command(
     ctx: typer.Context,
     run: RunOption,
-    split: Annotated[str, typer.Option(help="Split to evaluate: test, val or train.")] = "test",
+    split: Annotated[SplitChoice, typer.Option(help="Split to evaluate: test, val or train.")] = "test",
     archive: Annotated[Optional[Path], typer.Option(help="Archive (default: the one the run was trained on).")] = None,
     bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap samples for the confidence intervals (0: none).")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(help="Melanoma sensitivity that sets the threshold (on val).")] = None,
@@ -626,25 +643,31 @@ def compare_command(
 def runs_command(
     ctx: typer.Context,
     runs_dir: Annotated[Optional[Path], typer.Option("--dir", help="Folder of runs (default: runs_dir setting).")] = None,
+    fmt: Annotated[ListFormat, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
-    """List the runs with their key metrics, to compare experiments at a glance."""
-    from melanoma.modeling.runs import list_runs
+    """List every run, finished or not, with its status and key metrics, to compare experiments.
+
+    Status: complete, interrupted (resume it), running, failed (its process is gone) or unreadable.
+    """
+    from melanoma.modeling.runs import run_rows, run_rows_text
 
     settings = settings_for(ctx, runs_dir=runs_dir)
-    runs = list_runs(settings.runs_dir)
-    if not runs:
+    rows = run_rows(settings.runs_dir)
+    if fmt != "table":
+        out.print(run_rows_text(rows, fmt), end="", markup=False, highlight=False, soft_wrap=True)
+        return
+    if not rows:
         out.print(f"No runs in {settings.runs_dir}. Train one with `melanoma train`.")
         return
     table = Table(title=f"Runs in {settings.runs_dir}")
-    for column in ("run", "status", "model", "size", "epochs", "best val BMA", "evaluated", "BMA", "melanoma AUC", "ECE"):
-        table.add_column(column, justify="left" if column in ("run", "status", "model", "evaluated") else "right")
-    for info in runs:
-        best = info.meta.get("best") or {}
-        metrics = info.metrics or {}
-        table.add_row(info.run_id, info.status, str(info.meta.get("model")), str(info.image_size),
-                      str(info.meta.get("epochs_done", "")), _number(best.get("val_bma")), metrics.get("split", "–"),
-                      _number(metrics.get("bma")), _number((metrics.get("melanoma") or {}).get("auc")),
-                      _number(metrics.get("ece")))
+    for column in ("run", "status", "model", "size", "epochs", "best val BMA", "evaluated", "BMA", "melanoma AUC", "ECE",
+                   "problem"):
+        table.add_column(column, justify="left" if column in ("run", "status", "model", "evaluated", "problem") else "right")
+    for row in rows:
+        table.add_row(row["run"], row["status"], str(row["model"] or "–"), str(row["image_size"] or "–"),
+                      str(row["epochs"] if row["epochs"] is not None else "–"), _number(row["best_val_bma"]),
+                      row["evaluated"] or "–", _number(row["bma"]), _number(row["melanoma_auc"]), _number(row["ece"]),
+                      row["problem"] or "")
     out.print(table)
 
 

@@ -22,6 +22,22 @@ ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 MELANOMA_LABELS = ("MEL", "mel", "melanoma", "1")
 NEVUS_LABELS = ("NV", "nv", "nevus")
 
+# Fixed choices, for the settings and the CLI's options alike (so `--help` lists them and a
+# wrong value is refused before anything runs). Written out here rather than imported from
+# the modules that use them, so that the CLI starts without loading those (tests check they agree).
+SourceChoice = Literal["auto", "isic2019", "ham10000", "isic2020", "folder"]
+Isic2020Target = Literal["target", "diagnosis"]
+DownloadChoice = Literal["isic2019"]
+ModelChoice = Literal["cnn", "mobilenetv3small", "efficientnetb0", "efficientnet-lite0"]
+ClassBalanceChoice = Literal["weights", "sampling", "none"]
+SplitChoice = Literal["train", "val", "test"]
+SegmentationChoice = Literal["slic", "quickshift"]
+PredictFormat = Literal["table", "csv", "isic", "json"]
+EngineChoice = Literal["keras", "onnx"]
+ExplainMethod = Literal["lime", "gradcam", "both"]
+ExportFormat = Literal["onnx"]
+ListFormat = Literal["table", "csv", "json"]
+
 
 class Settings(BaseSettings):
     """Every tunable of the sandbox. Paths are relative to the working directory."""
@@ -37,7 +53,7 @@ class Settings(BaseSettings):
     synthetic_dir: Path = Field(Path("data/synthetic"), description="Where the demo writes its synthetic images.")
 
     # Data and preprocessing
-    source: Literal["auto", "isic2019", "ham10000", "isic2020", "folder"] = "auto"
+    source: SourceChoice = "auto"
     image_size: int = Field(128, ge=16, le=1024, description="Side of the square images in the archive.")
     classes: list[str] | None = Field(None, description="Restrict to / order these classes (default: all found).")
     crop_vignette: bool = Field(True, description="Crop the dark circular vignette of BCN-style images.")
@@ -61,7 +77,7 @@ class Settings(BaseSettings):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    class_balance: Literal["weights", "sampling", "none"] = "weights"
+    class_balance: ClassBalanceChoice = "weights"
     augment: bool = True
     extra_augment: bool = Field(False, description="Also jitter aspect ratio, hue, saturation and illuminant.")
     early_stopping_patience: int = Field(8, ge=1)
@@ -82,7 +98,7 @@ class Settings(BaseSettings):
 
     # Explanations
     explain_top_k: int = Field(3, ge=1, description="Explain the k most probable classes.")
-    lime_segmentation: Literal["slic", "quickshift"] = Field("slic", description="LIME superpixels (slic is faster).")
+    lime_segmentation: SegmentationChoice = Field("slic", description="LIME superpixels (slic is faster).")
     lime_superpixels: int = Field(50, ge=2, description="About how many superpixels SLIC makes.")
     explain_eval_images: int = Field(50, ge=1, description="Images that `explain-eval` averages over.")
 

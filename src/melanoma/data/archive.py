@@ -3,7 +3,7 @@
 An archive is a folder (layout in docs/architecture.md): ``images.npy`` (N, S, S, 3),
 ``manifest.csv`` (one row per image, in row order), ``skipped.csv`` (images that could not
 be used, with the reason), ``missing.csv`` (label rows without an image file) and
-``header.json``, written last.
+``header.json``, written last (after ``DATASET_CARD.md``, the archive described for people).
 
 :func:`build_archive` works in ``<out>.partial/`` and renames it to ``<out>`` when done,
 so an interrupted run never leaves something that looks complete. Worker processes
@@ -37,11 +37,13 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
+from melanoma.data.card import write_dataset_card
 from melanoma.data.preprocess import PreprocessParams, load_image
 from melanoma.data.sources import MANIFEST_COLUMNS, Dataset
 from melanoma.data.splits import SPLITS, grouped_split, split_by_condition
 from melanoma.errors import DataError, ImageError, MelanomaError
 from melanoma.modeling.runs import write_json
+from melanoma.provenance import git_state
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
@@ -168,11 +170,13 @@ def build_archive(
         "notes": dataset.notes,
         "sha256": _sha256(partial / IMAGES_FILE),
         "versions": _versions(),
+        "git": git_state(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
     }
     for name in (FINGERPRINT_FILE, PROGRESS_FILE):
         (partial / name).unlink()
+    write_dataset_card(partial, header, final, skipped, out_dir)
     write_json(partial / HEADER_FILE, header)
     _publish(partial, out_dir)
     return _summary(out_dir, header, started, resumed_rows=resumed_rows, reused=False, notes=notes)

@@ -4,7 +4,11 @@ The metrics are scikit-learn's where it has them. Two come from the ISIC challen
 definitions (``isic-challenge-scoring``): balanced multiclass accuracy (the mean recall of
 the classes present) and the partial AUC above 80% sensitivity, which is the area under
 the ROC curve over the part where sensitivity is at least 0.8, *without* the McClish
-standardisation that ``roc_auc_score(max_fpr=...)`` applies.
+standardisation that ``roc_auc_score(max_fpr=...)`` applies. As in the ISIC scorer, an image
+whose top probability is shared by two classes (an exact tie) has no predicted class: it
+counts as wrong. ``evaluate`` writes the ground truth of the evaluated split in the ISIC 2019
+format beside the predictions, so the official scorer can be run on them
+(tests/test_isic_scorer.py does, and agrees with ``metrics.json``).
 
 The melanoma operating point is chosen on the validation split (the threshold that
 reaches the target sensitivity there) and then applied, unchanged, to the evaluated split,
@@ -29,17 +33,20 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import (
     auc,
+    average_precision_score,
     balanced_accuracy_score,
     brier_score_loss,
     confusion_matrix,
     log_loss,
     precision_recall_fscore_support,
+    recall_score,
     roc_auc_score,
     roc_curve,
 )
 
 from melanoma.config import ISIC2019_CLASSES, MELANOMA_LABELS, NEVUS_LABELS
 from melanoma.errors import ModelError
+from melanoma.modeling.cards import fmt, fmt_ci, train_command, write_model_card
 from melanoma.modeling.runs import METRICS_FILE, read_run, write_json
 
 if TYPE_CHECKING:
@@ -58,6 +65,7 @@ ISIC_COLUMNS = [*ISIC2019_CLASSES, "UNK"]
 SOURCE_COLUMNS = ("source", "dataset")
 HISTOPATHOLOGY = "histo"  # HAM10000 dx_type of a diagnosis confirmed by histopathology
 UNKNOWN_SOURCE = "unknown"
+TIE = -1  # the predicted "class" of an image whose top probability is shared (ISIC: "undecided")
 
 
 def melanoma_index(classes: list[str]) -> int | None:
@@ -72,6 +80,20 @@ def normalised(probabilities: np.ndarray) -> np.ndarray:
     """float64 rows that sum to 1 (float32 softmax is off by ~1e-7, which scikit-learn flags)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
+    """The class with the highest probability, or ``TIE`` where several classes share it."""
+    predicted = probabilities.argmax(axis=1)
+    tied = (probabilities == probabilities.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    return np.where(tied, TIE, predicted)
+
+
+def balanced_multiclass_accuracy(labels: np.ndarray, predicted: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """The ISIC definition: the mean recall of the classes present in ``labels``; a ``TIE``
+    is wrong for whatever class the image is."""
+    return float(recall_score(labels, predicted, labels=np.unique(labels), average="macro", sample_weight=sample_weight,
+                              zero_division=0))
 
 
 def one_vs_rest_auc(is_positive: np.ndarray, scores: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
@@ -161,7 +183,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     """BMA, accuracy, per-class recall/precision/AUC/partial AUC, macro AUC, confusion matrix,
     ECE and Brier score."""
     num_classes = len(classes)
-    predicted = probabilities.argmax(axis=1)
+    predicted = predicted_labels(probabilities)
     precision, recall, _, support = precision_recall_fscore_support(labels, predicted, labels=range(num_classes), zero_division=0)
     per_class = {}
     for index, name in enumerate(classes):
@@ -172,14 +194,16 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
             "precision": float(precision[index]),
             "auc": _finite(one_vs_rest_auc(is_class, probabilities[:, index])),
             "pauc_80": _finite(partial_auc_above_sensitivity(is_class, probabilities[:, index])),
+            "ap": float(average_precision_score(is_class, probabilities[:, index])) if is_class.any() else None,
         }
     aucs = [row["auc"] for row in per_class.values() if row["auc"] is not None]
-    present_recalls = [row["recall"] for row in per_class.values() if row["recall"] is not None]
+    aps = [row["ap"] for row in per_class.values() if row["ap"] is not None]
     return {
-        # The ISIC definition: the mean recall of the classes present (= balanced_accuracy_score).
-        "bma": float(np.mean(present_recalls)),
+        "bma": balanced_multiclass_accuracy(labels, predicted),
         "accuracy": float((predicted == labels).mean()),
         "macro_auc": float(np.mean(aucs)) if aucs else None,
+        "macro_ap": float(np.mean(aps)) if aps else None,
+        "ties": int((predicted == TIE).sum()),  # images left out of the confusion matrix
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(labels, predicted, labels=range(num_classes)).tolist(),
         "ece": expected_calibration_error(labels, probabilities),
@@ -226,11 +250,11 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, groups: n
     replacement (images of one lesion are not independent)."""
     if samples <= 0:
         return {}
-    predicted = probabilities.argmax(axis=1)
+    predicted = predicted_labels(probabilities)
     bmas, mel_aucs = [], []
     for weight in lesion_resamples(groups, samples, seed):
         kept = weight > 0
-        bmas.append(balanced_accuracy_score(labels[kept], predicted[kept], sample_weight=weight[kept]))
+        bmas.append(balanced_multiclass_accuracy(labels[kept], predicted[kept], sample_weight=weight[kept]))
         if mel_index is not None:
             mel_aucs.append(one_vs_rest_auc(labels[kept] == mel_index, probabilities[kept, mel_index], weight[kept]))
     result: dict[str, Any] = {"level": level, "samples": samples, "resampled": "lesion groups",
@@ -325,15 +349,15 @@ def subgroup_report_lines(metrics: dict[str, Any]) -> list[str]:
                   "Each source's BMA is the mean recall of the classes present in it.", "",
                   "| source | images | melanomas | BMA | melanoma ROC AUC |", "|---|---|---|---|---|"]
         for name, row in per_source["sources"].items():
-            lines.append(f"| {name} | {row['n_images']} | {_fmt_count(row['melanomas'])} | {_fmt(row['bma'])} | "
-                         f"{_fmt(row['melanoma_auc'])} |")
+            lines.append(f"| {name} | {row['n_images']} | {_fmt_count(row['melanomas'])} | {fmt(row['bma'])} | "
+                         f"{fmt(row['melanoma_auc'])} |")
     versus = metrics.get("melanoma_vs_nevi")
     if versus:
         names = {"all": "all nevi", "histopathology": "nevi confirmed by histopathology (`dx_type` histo)"}
         lines += ["", "## Melanoma vs nevi", "", "The melanoma probability's ROC AUC on the melanomas and the nevi only.",
                   "", "| melanoma vs | melanomas | nevi | ROC AUC | 95% CI (lesion bootstrap) |", "|---|---|---|---|---|"]
         for name, row in versus.items():
-            lines.append(f"| {names[name]} | {row['melanomas']} | {row['nevi']} | {_fmt(row['auc'])} | {_fmt_ci(row['ci'])} |")
+            lines.append(f"| {names[name]} | {row['melanomas']} | {row['nevi']} | {fmt(row['auc'])} | {fmt_ci(row['ci'])} |")
     return lines
 
 
@@ -341,6 +365,12 @@ def isic_columns(classes: list[str]) -> list[str] | None:
     """The ISIC 2019 column of each class, or None if the classes are not ISIC/HAM ones."""
     mapped = [name if name in ISIC2019_CLASSES else HAM_TO_ISIC.get(name) for name in classes]
     return None if None in mapped or len(set(mapped)) != len(mapped) else mapped
+
+
+def truth_table(image_ids: list[str], labels: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """The ground truth in the ISIC 2019 format (``ISIC_2019_Training_GroundTruth.csv``):
+    ``image`` then a 1.0/0.0 column per class, with the columns of :func:`submission_table`."""
+    return submission_table(image_ids, np.eye(len(classes))[labels], classes)
 
 
 def submission_table(image_ids: list[str], probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -417,10 +447,13 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     metrics["figures"] = {name: str(path.relative_to(run_dir)) for name, path in metrics["figures"].items()}
     predictions = submission_table(archive.manifest["image_id"].to_numpy()[rows].tolist(), probabilities, classes)
     metrics["predictions"] = f"predictions_{split}.csv"
+    metrics["ground_truth"] = f"ground_truth_{split}.csv"
     _write_csv(predictions, run_dir / metrics["predictions"])
+    _write_csv(truth_table(predictions["image"].tolist(), labels, classes), run_dir / metrics["ground_truth"])
     metrics = _json_safe(metrics)
     write_json(run_dir / METRICS_FILE, metrics)
     _write_text(run_dir / REPORT_FILE, render_report(run.meta, metrics, archive, run_dir))
+    write_model_card(run_dir, archive.header)
     return metrics
 
 
@@ -436,7 +469,6 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
     confusion matrix, figures, and the commands that reproduce it."""
     ci = metrics.get("ci", {})
     split = metrics["split"]
-    training = meta.get("training", {})
     lines = [
         f"# Evaluation of run `{meta.get('run_id')}` on the {split} split",
         "",
@@ -451,17 +483,18 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         "",
         "| metric | value | 95% CI (lesion bootstrap) |",
         "|---|---|---|",
-        f"| balanced multiclass accuracy | {_fmt(metrics['bma'])} | {_fmt_ci(ci.get('bma'))} |",
-        f"| accuracy | {_fmt(metrics['accuracy'])} | |",
-        f"| macro ROC AUC | {_fmt(metrics['macro_auc'])} | |",
+        f"| balanced multiclass accuracy | {fmt(metrics['bma'])} | {fmt_ci(ci.get('bma'))} |",
+        f"| accuracy | {fmt(metrics['accuracy'])} | |",
+        f"| macro ROC AUC | {fmt(metrics['macro_auc'])} | |",
+        f"| macro average precision | {fmt(metrics.get('macro_ap'))} | |",
     ]
     melanoma = metrics.get("melanoma")
     if melanoma:
-        lines.append(f"| melanoma ROC AUC | {_fmt(melanoma['auc'])} | {_fmt_ci(ci.get('melanoma_auc'))} |")
+        lines.append(f"| melanoma ROC AUC | {fmt(melanoma['auc'])} | {fmt_ci(ci.get('melanoma_auc'))} |")
     lines += [
-        f"| expected calibration error ({ECE_BINS} bins) | {_fmt(metrics['ece'])} | |",
-        f"| Brier score (multiclass, 0..2) | {_fmt(metrics['brier'])} | |",
-        f"| log loss | {_fmt(metrics['log_loss'])} | |",
+        f"| expected calibration error ({ECE_BINS} bins) | {fmt(metrics['ece'])} | |",
+        f"| Brier score (multiclass, 0..2) | {fmt(metrics['brier'])} | |",
+        f"| log loss | {fmt(metrics['log_loss'])} | |",
     ]
     if melanoma:
         lines += [
@@ -473,15 +506,19 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
             "",
             "| sensitivity | specificity | specificity at the target sensitivity | partial AUC (sens. ≥ 0.8) | melanomas | others |",
             "|---|---|---|---|---|---|",
-            f"| {_fmt(melanoma['sensitivity'])} | {_fmt(melanoma['specificity'])} | {_fmt(melanoma['specificity_at_target'])} "
-            f"| {_fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |",
+            f"| {fmt(melanoma['sensitivity'])} | {fmt(melanoma['specificity'])} | {fmt(melanoma['specificity_at_target'])} "
+            f"| {fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |",
         ]
     lines += subgroup_report_lines(metrics)
-    lines += ["", "## Per class", "", "| class | images | recall | precision | ROC AUC | partial AUC (sens. ≥ 0.8) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Per class", "",
+              "| class | images | recall | precision | ROC AUC | partial AUC (sens. ≥ 0.8) | average precision |",
+              "|---|---|---|---|---|---|---|"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"| {name} | {row['support']} | {_fmt(row['recall'])} | {_fmt(row['precision'])} | "
-                     f"{_fmt(row['auc'])} | {_fmt(row['pauc_80'])} |")
+        lines.append(f"| {name} | {row['support']} | {fmt(row['recall'])} | {fmt(row['precision'])} | "
+                     f"{fmt(row['auc'])} | {fmt(row['pauc_80'])} | {fmt(row.get('ap'))} |")
+    if metrics.get("ties"):
+        lines += ["", f"{metrics['ties']} image(s) had two classes tied for the top probability: counted as wrong "
+                  "(as the ISIC scorer does) and left out of the confusion matrix."]
     classes = list(metrics["per_class"])
     lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
               "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
@@ -496,16 +533,12 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         "```",
         f"melanoma ensemble --out {run_dir} --runs " + " ".join(m["run"] for m in meta["ensemble"]["members"])
         if "ensemble" in meta else
-        f"melanoma train --archive {archive.path} --model {meta.get('model')} --weights {meta.get('weights')} "
-        f"--epochs {training.get('epochs')} --batch-size {training.get('batch_size')} --lr {training.get('learning_rate')} "
-        f"--seed {training.get('seed')} --class-balance {training.get('class_balance')}"
-        f"{'' if training.get('augment', True) else ' --no-augment'}"
-        f"{' --time-limit ' + str(training.get('time_limit_minutes')) if training.get('time_limit_minutes') else ''}"
-        f"{' --freeze-epochs ' + str(training.get('freeze_epochs')) if training.get('freeze_epochs') else ''}",
+        train_command(meta, archive.path),
         f"melanoma evaluate --run {run_dir} --split {split} --archive {archive.path}",
         "```",
         "",
-        f"Predictions in the ISIC submission format: [{metrics['predictions']}]({metrics['predictions']}).",
+        f"Predictions in the ISIC submission format: [{metrics['predictions']}]({metrics['predictions']}); "
+        f"the ground truth in the ISIC 2019 format: [{metrics['ground_truth']}]({metrics['ground_truth']}).",
         "",
     ]
     return "\n".join(lines)
@@ -520,7 +553,7 @@ def _model_summary(meta: dict[str, Any]) -> str:
                             for m in members) + f"; {meta.get('image_size')} px")
     best = meta.get("best") or {}
     return (f"Model `{meta.get('model')}` (weights: {meta.get('weights')}), {meta.get('image_size')} px, "
-            f"{meta.get('epochs_done')} epoch(s) (best: epoch {best.get('epoch')}, val BMA {_fmt(best.get('val_bma'))})")
+            f"{meta.get('epochs_done')} epoch(s) (best: epoch {best.get('epoch')}, val BMA {fmt(best.get('val_bma'))})")
 
 
 def _check_archive(meta: dict[str, Any], archive: Archive) -> None:
@@ -550,22 +583,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def _fmt_count(value: int | None) -> str:
     return "–" if value is None else str(value)
 
 
-def _fmt_ci(interval: list[float] | None) -> str:
-    return "–" if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"
-
-
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    # Every probability is written as a float ("0.0", not "0"), as the ISIC scorer requires.
-    table.to_csv(tmp, index=False, float_format="%.6f")
+    # Every probability is written as a float ("0.0", not "0"), as the ISIC scorer requires, and
+    # in full (shortest round-trip form), so that scoring the file reproduces metrics.json.
+    table.to_csv(tmp, index=False)
     os.replace(tmp, path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,73 @@ def list_runs(runs_dir: Path) -> list[RunInfo]:
             except ModelError:
                 continue
     return runs
+
+
+# --------------------------------------------------------------------------- listing
+FAILED = "failed"  # run.json says "running", but the process that trained it is gone
+UNREADABLE = "unreadable"
+RUN_LIST_COLUMNS = ("run", "status", "model", "image_size", "epochs", "best_val_bma", "evaluated", "bma",
+                    "melanoma_auc", "ece", "path", "problem")
+
+
+def training_process() -> dict[str, Any]:
+    """Who is training a run (recorded in run.json), so that a listing can tell a run in
+    progress from one whose process died."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def run_status(meta: dict[str, Any]) -> str:
+    """The run's status, with "running" checked against its training process: ``failed``
+    when that process is gone on this host (a crash, a kill, a reboot)."""
+    status = str(meta.get("status", "unknown"))
+    process = meta.get("process") or {}
+    if status != "running" or process.get("host") != socket.gethostname() or "pid" not in process:
+        return status
+    try:
+        os.kill(int(process["pid"]), 0)
+    except ProcessLookupError:
+        return FAILED
+    except PermissionError:  # alive, owned by someone else
+        return status
+    return status
+
+
+def run_rows(runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per run folder under ``runs_dir`` (every folder with a run.json, finished or
+    not, readable or not), oldest first, with the columns of :data:`RUN_LIST_COLUMNS`."""
+    rows = []
+    for child in sorted(Path(runs_dir).glob("*/")):
+        if not (child / RUN_FILE).is_file():
+            continue
+        row: dict[str, Any] = dict.fromkeys(RUN_LIST_COLUMNS)
+        row.update(run=child.name, path=str(child))
+        try:
+            meta = read_run_meta(child)
+        except ModelError as exc:
+            rows.append({**row, "status": UNREADABLE, "problem": str(exc)})
+            continue
+        metrics = None
+        if (child / METRICS_FILE).is_file():
+            try:
+                metrics = json.loads((child / METRICS_FILE).read_text())
+            except ValueError as exc:
+                row["problem"] = f"{child / METRICS_FILE} is corrupt: {exc}"
+        best = meta.get("best") or {}
+        metrics = metrics or {}
+        row.update(run=str(meta.get("run_id", child.name)), status=run_status(meta), model=meta.get("model"),
+                   image_size=meta.get("image_size"), epochs=meta.get("epochs_done"), best_val_bma=best.get("val_bma"),
+                   evaluated=metrics.get("split"), bma=metrics.get("bma"),
+                   melanoma_auc=(metrics.get("melanoma") or {}).get("auc"), ece=metrics.get("ece"))
+        if not (child / MODEL_FILE).is_file() and not row["problem"]:
+            row["problem"] = f"no {MODEL_FILE} yet"
+        rows.append(row)
+    return rows
+
+
+def run_rows_text(rows: list[dict[str, Any]], fmt: str) -> str:
+    """``rows`` of :func:`run_rows` as ``"csv"`` or ``"json"`` text."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=list(RUN_LIST_COLUMNS)).to_csv(index=False)

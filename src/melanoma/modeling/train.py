@@ -52,9 +52,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
+from melanoma.modeling.cards import write_model_card
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
-from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, write_json
+from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, training_process, write_json
+from melanoma.provenance import git_state
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"
@@ -382,7 +384,7 @@ def train(
         options = meta["training"]
         keras.utils.set_random_seed(options["seed"])
         trainer = _load_trainer(run_dir / LAST_FILE)
-        meta["status"] = RUNNING
+        meta.update(status=RUNNING, process=training_process())
         write_json(run_dir / RUN_FILE, meta)
     else:
         weights = default_weights(model_name) if weights is None else weights
@@ -453,9 +455,11 @@ def train(
         save_model(trainer, run_dir / LAST_FILE)
         meta.update(status=INTERRUPTED, train_seconds=round(clock.seconds(), 1))
         write_json(run_dir / RUN_FILE, meta)
+        write_model_card(run_dir, archive.header)
         return _result(run_dir, meta, "interrupt", time.monotonic() - started)
     meta.update(status=COMPLETE, stopped_by=stopped_by, finished=_now())
     write_json(run_dir / RUN_FILE, meta)
+    write_model_card(run_dir, archive.header)
     return _result(run_dir, meta, stopped_by, time.monotonic() - started)
 
 
@@ -566,6 +570,7 @@ def _start_run(run_dir: Path, archive: Archive, options: dict[str, Any], setting
         "preprocess": header["preprocess"],
         "archive": {"path": str(Path(archive.path).resolve()), "sha256": header["sha256"], "source": header.get("source"),
                     "seed": header.get("seed"), "test_where": header.get("test_where")},
+        "git": git_state(), "process": training_process(),
         "created": _now(), "status": RUNNING, "epochs_done": 0, "best": None, "train_seconds": 0.0,
         "training": options,
     }
