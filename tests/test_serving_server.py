@@ -4,6 +4,7 @@ Predictor does, logs each request with its id, and stops cleanly when signalled.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,9 @@ def test_served_predictions_match_the_predictor(trained_run: Path, ham_images_by
         np.testing.assert_allclose(served, predictor.predict(images), atol=1e-5)
         assert httpx.get(f"{server.url}/v1/model").json()["run_id"] == predictor.run.run_id
         assert httpx.get(f"{server.url}/ui/").status_code == 200
+        docs = httpx.get(f"{server.url}/docs").text  # its scripts come from the server, not a CDN
+        scripts = re.findall(r'src="([^"]+)"', docs) + re.findall(r'href="([^"]+\.css)"', docs)
+        assert scripts and all(s.startswith("/") and httpx.get(f"{server.url}{s}").status_code == 200 for s in scripts)
         code = server.stop()
     text = server.log.read_text()
     assert code == 0, text[-3000:]
