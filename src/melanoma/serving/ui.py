@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from melanoma.errors import MelanomaError
