@@ -15,13 +15,21 @@ load generator runs on the same machine, so it competes with the servers for the
 Targets (small CNN at 128 px, 2 cores): p50 < 20 ms with one client; served >= 3x naive
 throughput with 8 clients.
 
+With ``--mixed SECONDS``, instead: a mixed load on `melanoma serve` for that long, 8
+clients predicting while 8 ask for LIME explanations and one polls /healthz: p50/p99 of
+/v1/predict and /healthz, the count of each status (503 busy, 504 deadline, never 500),
+and the server's peak RSS. Targets: /healthz p99 < 50 ms and /v1/predict p99 < 1 s while
+explanations are saturated; zero 500s; RSS bounded.
+
     .venv/bin/python benchmarks/serve.py --run models/RUN [--requests 400] [--time-limit 30] [--rounds 4]
+    .venv/bin/python benchmarks/serve.py --run models/RUN --mixed 60 [--lime-samples 1000]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 import signal
 import socket
 import subprocess
@@ -127,6 +135,86 @@ def load(url: str, images: list[bytes], *, clients: int, requests: int,
     return latencies, time.perf_counter() - began, errors
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size so far (Linux: VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def mixed_load(base_url: str, images: list[bytes], *, seconds: float, lime_samples: int,
+               predictors: int = 8, explainers: int = 8) -> tuple[dict[str, list[float]], dict[str, Counter]]:
+    """Clients posting predictions, clients asking for LIME and one polling /healthz, each
+    in a loop until ``seconds`` have passed. Latencies (s) and status counts by endpoint."""
+    latencies: dict[str, list[float]] = {"predict": [], "healthz": [], "explain": []}
+    statuses: dict[str, Counter] = {name: Counter() for name in latencies}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def loop(name: str, call) -> None:
+        with httpx.Client(timeout=120) as http:
+            i = 0
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                response = call(http, images[i % len(images)], i)
+                with lock:
+                    latencies[name].append(time.perf_counter() - start)
+                    statuses[name][response.status_code] += 1
+                if response.status_code == 503:  # as a client should: wait as told
+                    time.sleep(float(response.headers.get("retry-after", 1)))
+                i += 1
+
+    def predict(http: httpx.Client, image: bytes, i: int) -> httpx.Response:
+        return http.post(f"{base_url}/v1/predict", files=[("files", (f"{i}.jpg", image, "image/jpeg"))])
+
+    def explain(http: httpx.Client, image: bytes, i: int) -> httpx.Response:
+        return http.post(f"{base_url}/v1/explain", files=[("file", (f"{i}.jpg", image, "image/jpeg"))],
+                         data={"method": "lime", "samples": str(lime_samples)})
+
+    def healthz(http: httpx.Client, image: bytes, i: int) -> httpx.Response:
+        time.sleep(0.05)  # a prober, not a load
+        return http.get(f"{base_url}/healthz")
+
+    threads = ([threading.Thread(target=loop, args=("predict", predict)) for _ in range(predictors)]
+               + [threading.Thread(target=loop, args=("explain", explain)) for _ in range(explainers)]
+               + [threading.Thread(target=loop, args=("healthz", healthz))])
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, statuses
+
+
+def report_mixed(console: Console, args: argparse.Namespace, images: list[bytes]) -> None:
+    port = free_port()
+    process = start([sys.executable, "-m", "melanoma", "serve", "--run", str(args.run), "--port", str(port)],
+                    f"http://127.0.0.1:{port}/readyz")
+    try:
+        with console.status(f"Mixed load for {args.mixed:g} s ..."):
+            latencies, statuses = mixed_load(f"http://127.0.0.1:{port}", images, seconds=args.mixed,
+                                             lime_samples=args.lime_samples)
+        rss = peak_rss_mb(process.pid)
+    finally:
+        stop(process)
+    table = Table(title=f"Mixed load, {args.mixed:g} s: 8 clients predicting, 8 asking for LIME "
+                        f"({args.lime_samples} samples), 1 polling /healthz; {os.cpu_count()} CPUs, load average "
+                        f"{os.getloadavg()[0]:.1f} at the end; {args.run}")
+    for column in ("endpoint", "requests", "p50 ms", "p99 ms", "200", "503", "504", "other"):
+        table.add_column(column, justify="left" if column == "endpoint" else "right")
+    for name, route in (("predict", "/v1/predict"), ("healthz", "/healthz"), ("explain", "/v1/explain (LIME)")):
+        ms = np.array(latencies[name]) * 1000
+        p50, p99 = np.percentile(ms, [50, 99]) if len(ms) else (float("nan"),) * 2
+        counts = statuses[name]
+        other = sum(n for code, n in counts.items() if code not in (200, 503, 504))
+        table.add_row(route, str(len(ms)), f"{p50:.1f}", f"{p99:.1f}", str(counts[200]), str(counts[503]),
+                      str(counts[504]), str(other))
+    console.print(table)
+    errors = sum(counts[500] for counts in statuses.values())
+    console.print(f"Server peak RSS {rss:.0f} MB; 500s: {errors}. Statuses: "
+                  + "; ".join(f"{name} {dict(sorted(counts.items()))}" for name, counts in statuses.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="Run folder to serve (e.g. the small CNN at 128 px).")
@@ -134,6 +222,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="Requests per endpoint and client count, at most.")
     parser.add_argument("--time-limit", type=float, default=30, help="Seconds per endpoint and client count, at most.")
     parser.add_argument("--rounds", type=int, default=4, help="Interleaved rounds (evens out a busy machine).")
+    parser.add_argument("--mixed", type=float, metavar="SECONDS",
+                        help="Instead: mixed prediction + LIME load on `melanoma serve` for this long.")
+    parser.add_argument("--lime-samples", type=int, default=1000, help="LIME samples per explanation (--mixed).")
     parser.add_argument("--serve-baselines", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -147,6 +238,9 @@ def main() -> None:
     images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))[:50]]
     if not images:
         raise SystemExit(f"No JPEG in {args.images}")
+    if args.mixed:
+        report_mixed(console, args, images)
+        return
     served_port, baseline_port = free_port(), free_port()
     with console.status("Starting the servers ..."):
         processes = [

@@ -27,6 +27,7 @@ from melanoma.modeling.predict import Predictor
 from melanoma.serving.app import create_app
 
 pytestmark = pytest.mark.realdata
+LOOPBACK = "http://127.0.0.1"  # a trusted host (trusted_hosts setting), as a local browser calls it
 
 
 class GatedPredictor:
@@ -62,12 +63,13 @@ def images(ham_images_by_class: dict[str, Path]) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def client(predictor: Predictor, images: list[Path]) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(), predictor=predictor, examples=images[:2])) as client:
+    with TestClient(create_app(Settings(), predictor=predictor, examples=images[:2]), base_url=LOOPBACK) as client:
         yield client
 
 
 def client_with(predictor: Any, **settings: Any) -> TestClient:
-    return TestClient(create_app(Settings(**settings), predictor=predictor), raise_server_exceptions=False)
+    return TestClient(create_app(Settings(**settings), predictor=predictor), base_url=LOOPBACK,
+                      raise_server_exceptions=False)
 
 
 def upload(path: Path, field: str = "files") -> tuple[str, tuple[str, bytes, str]]:
@@ -204,7 +206,7 @@ def test_invalid_forms_are_422(client: TestClient, images: list[Path]) -> None:
 
 def test_upload_size_and_pixel_limits_come_from_the_settings(predictor: Predictor, images: list[Path]) -> None:
     size = images[0].stat().st_size
-    with client_with(predictor, max_upload_bytes=size - 1, max_pixels=10_000) as client:
+    with client_with(predictor, max_upload_bytes=size - 1, serve_max_pixels=10_000) as client:
         too_big = client.post("/v1/predict", files=[upload(images[0])])
         assert too_big.status_code == 413 and "max_upload_bytes" in too_big.json()["detail"]
         # HAM images are 200x150 = 30,000 pixels; a JPEG under the size limit is refused by its header.
@@ -213,7 +215,7 @@ def test_upload_size_and_pixel_limits_come_from_the_settings(predictor: Predicto
         small.save(buffer, "JPEG", quality=20)
         assert buffer.tell() < size // 2  # well under the limit, with the multipart overhead
         too_many_pixels = client.post("/v1/predict", files=[("files", ("small.jpg", buffer.getvalue(), "image/jpeg"))])
-        assert too_many_pixels.status_code == 413 and "max_pixels" in too_many_pixels.json()["detail"]
+        assert too_many_pixels.status_code == 413 and "serve_max_pixels" in too_many_pixels.json()["detail"]
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -275,8 +277,8 @@ def test_one_log_line_per_request_with_the_hash_never_the_image(client: TestClie
 def test_root_path_behind_a_reverse_proxy(predictor: Predictor) -> None:
     # A proxy publishes the server under /melanoma; `serve --root-path /melanoma` makes
     # uvicorn put the prefix in front of each path, as the test client does here.
-    with TestClient(create_app(Settings(), predictor=predictor), root_path="/melanoma") as client:
+    with TestClient(create_app(Settings(), predictor=predictor), base_url=LOOPBACK, root_path="/melanoma") as client:
         assert client.get("/melanoma/", follow_redirects=False).headers["location"] == "/melanoma/ui/"
         assert client.get("/melanoma/readyz").status_code == 200
-        assert client.get("/melanoma/ui/config").json()["root"] == "http://testserver/melanoma/ui"
+        assert client.get("/melanoma/ui/config").json()["root"] == "http://127.0.0.1/melanoma/ui"
         assert client.get("/melanoma/openapi.json").json()["servers"] == [{"url": "/melanoma"}]

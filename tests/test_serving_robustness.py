@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 N_REQUESTS = 500
 MAX_UPLOAD_BYTES = 200_000  # small, so that oversized bodies are cheap to send
+LOOPBACK = "http://127.0.0.1"  # a trusted host (trusted_hosts setting)
 
 Request = dict[str, Any]  # keyword arguments of TestClient.request, plus "method" and "url"
 
@@ -92,7 +93,7 @@ def test_no_malformed_request_gets_a_500(trained_run: Path, ham_images_by_class:
     app = create_app(Settings(max_upload_bytes=MAX_UPLOAD_BYTES), predictor=Predictor.from_run(trained_run))
     statuses: Counter[int] = Counter()
     failures = []
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, base_url=LOOPBACK, raise_server_exceptions=False) as client:
         for i in range(N_REQUESTS):
             maker = makers[i % len(makers)]
             request = maker(rng)

@@ -108,6 +108,21 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10_000_000, ge=1)
     lime_max_samples: int = Field(1000, ge=10)
     explain_timeout_seconds: float = Field(60.0, gt=0)
+    predict_timeout_seconds: float = Field(10.0, gt=0, description="Deadline of one /v1/predict (decoding and model).")
+    serve_max_pixels: int = Field(25_000_000, ge=1, description="Largest image the server decodes (pixels).")
+    max_request_pixels: int = Field(100_000_000, ge=1, description="Pixels that the files of one request may hold in all.")
+    max_concurrent_decodes: int = Field(8, ge=1, description="Requests decoding images at once; more get a 503 at once.")
+    max_concurrent_explanations: int = Field(4, ge=1, description="Explanations running or queued; more get a 503 at once.")
+    limit_concurrency: int = Field(200, ge=1, description="uvicorn: connections and requests at once, then 503.")
+    keep_alive_seconds: int = Field(5, ge=1, description="Close an idle keep-alive connection after this.")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="Close a connection whose request headers take longer.")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="408 for a request body that takes longer to arrive.")
+    trusted_hosts: list[str] = Field(["127.0.0.1", "localhost", "::1"],
+                                     description="Host header values served (behind a proxy: its public name; * for any).")
+    allowed_origins: list[str] = Field([], description="Other web origins whose pages may call the server (CORS).")
+    serve_docs: bool = Field(True, description="Serve the OpenAPI page (/docs, /redoc, /openapi.json).")
+    serve_metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    ui_cache_seconds: int = Field(3600, ge=1, description="The playground deletes uploads and results older than this.")
 
     @model_validator(mode="after")
     def _fractions_leave_a_training_set(self) -> Settings:

@@ -61,6 +61,20 @@ def tta_mean(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) ->
     return flat.reshape(len(views), len(images), -1).mean(axis=0)
 
 
+def check_pixel_values(images: np.ndarray) -> None:
+    """Refuse arrays that are not pixels as the model was trained on: uint8, or floats
+    within 0..255 (no NaN or infinity). Anything else would still give confident,
+    meaningless probabilities."""
+    if images.dtype == np.uint8:
+        return
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ImageError(f"Expected uint8 pixels or floats in 0..255, got dtype {images.dtype}.")
+    if images.size and not np.isfinite(images).all():
+        raise ImageError("The images contain NaN or infinite values; expected pixels in 0..255.")
+    if images.size and (images.min() < 0 or images.max() > 255):
+        raise ImageError(f"Pixel values must lie in 0..255, got {images.min():g}..{images.max():g}.")
+
+
 @dataclass
 class FilePredictions:
     """The result of :meth:`Predictor.predict_files`."""
@@ -113,6 +127,7 @@ class Predictor:
             raise ImageError(
                 f"Expected images of shape (N, {self.image_size}, {self.image_size}, 3), got {images.shape}."
             )
+        check_pixel_values(images)
         return tta_mean(self._run_batches, images) if tta else self._run_batches(images)
 
     def predict(self, sources: Sequence[ImageSource], *, tta: bool = False) -> np.ndarray:

@@ -3,34 +3,44 @@ playground at ``/ui``.
 
 ``create_app(settings, run_dir=...)`` builds the app; its lifespan loads the model once,
 warms it up, and only then reports ready. ``serve(settings, run_dir)`` runs it with
-uvicorn (``melanoma serve`` and ``melanoma demo`` call it).
+uvicorn (``melanoma serve`` and ``melanoma demo`` call it), with time limits on every
+phase of a request, so that a slow or stalled client cannot hold the server and a
+shutdown lets every request finish.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
+import math
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from melanoma import __version__
 from melanoma.config import Settings
 from melanoma.errors import ImageError, MelanomaError, ModelError
-from melanoma.serving.limits import ACCEPTED_TYPES, BodySizeLimit, Upload, UploadRejected
-from melanoma.serving.metrics import IMAGE_HASHES, ObserveRequests, ServiceMetrics, access_log
+from melanoma.serving.limits import ACCEPTED_TYPES, BodyLimits, Busy, H11WithHeaderTimeout, Upload, UploadRejected
+from melanoma.serving.metrics import IMAGE_HASHES, REQUEST_ID, ObserveRequests, ServiceMetrics, access_log
+from melanoma.serving.responses import ErrorBody, error_response
+from melanoma.serving.security import HostAndOriginGuard
 from melanoma.serving.service import ImagePrediction, ModelCard, ModelService
 
 log = logging.getLogger("melanoma.serving")
@@ -42,15 +52,13 @@ EXAMPLES_DIR = "examples"
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # How `serve` hands the settings to uvicorn's worker processes (they call the factory).
 _SERVE_SPEC_ENV = "MELANOMA_SERVE_SPEC"
+# Where Gradio keeps uploads (read by Gradio on each use).
+_GRADIO_UPLOADS_ENV = "GRADIO_TEMP_DIR"
+# A shutdown waits this much longer than the slowest request may take.
+_DRAIN_MARGIN_SECONDS = 5
 
 
 # --------------------------------------------------------------------------- response models
-class ErrorBody(BaseModel):
-    error: str = Field(description="A stable code, e.g. unsupported_media_type.")
-    detail: str = Field(description="What was wrong, in words.")
-    file: str | None = Field(None, description="The uploaded file concerned, if any.")
-
-
 class PredictResponse(BaseModel):
     run_id: str
     predictions: list[ImagePrediction]
@@ -78,10 +86,11 @@ class Status(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": description}
     for code, description in {
-        413: "Request body over max_upload_bytes, or image over max_pixels.",
+        408: "The request body did not arrive within body_timeout_seconds.",
+        413: "Request body over max_upload_bytes, image over serve_max_pixels, or images over max_request_pixels.",
         415: f"Not an image: the bytes are none of {', '.join(ACCEPTED_TYPES)}.",
         422: "Corrupt or unusable image, or invalid form fields.",
-        503: "The model is not loaded (starting or stopping).",
+        503: "The model is not loaded (starting or stopping), or the server is busy (see Retry-After).",
     }.items()
 }
 
@@ -116,7 +125,12 @@ async def read_uploads(request: Request, files: Sequence[UploadFile]) -> list[Up
 router = APIRouter()
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, tags=["model"])
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses={**ERROR_RESPONSES, 504: {"model": ErrorBody, "description": "Over predict_timeout_seconds."}},
+    tags=["model"],
+)
 async def predict(
     request: Request,
     files: Annotated[list[UploadFile], File(description=f"One or more images: {', '.join(ACCEPTED_TYPES)}.")],
@@ -125,8 +139,12 @@ async def predict(
     """Class probabilities, top class, melanoma probability and the run's operating-point
     decision for each uploaded image."""
     uploads = await read_uploads(request, files)
-    images = await run_in_threadpool(lambda: np.stack([service.prepare(upload) for upload in uploads]))
-    probabilities = await service.predict(images)
+    timeout = service.settings.predict_timeout_seconds
+    try:
+        with anyio.fail_after(timeout):
+            probabilities = await service.predict(await service.decode(uploads))
+    except TimeoutError:
+        raise HTTPException(504, f"The prediction took longer than predict_timeout_seconds={timeout:g} s.") from None
     return PredictResponse(
         run_id=service.run_id,
         predictions=[service.describe(upload, p) for upload, p in zip(uploads, probabilities)],
@@ -161,7 +179,12 @@ async def explain(
     if top_k > len(service.predictor.classes):
         raise HTTPException(422, f"top_k={top_k} is over the number of classes ({len(service.predictor.classes)}).")
     [upload] = await read_uploads(request, [file])
-    image = await run_in_threadpool(service.prepare, upload)
+    try:
+        with anyio.fail_after(settings.predict_timeout_seconds):
+            [image] = await service.decode([upload])
+    except TimeoutError:
+        raise HTTPException(504, f"Decoding the image took longer than predict_timeout_seconds="
+                                 f"{settings.predict_timeout_seconds:g} s.") from None
     try:
         result = await service.explain(image, method=method, num_samples=num_samples, top_k=top_k)
     except TimeoutError:
@@ -182,76 +205,83 @@ async def explain(
     )
 
 
+# The light endpoints are coroutines: they run on the event loop, never waiting for a
+# thread behind model work.
 @router.get("/v1/model", response_model=ModelCard, responses={503: ERROR_RESPONSES[503]}, tags=["model"])
-def model_card(service: ReadyService) -> ModelCard:
+async def model_card(service: ReadyService) -> ModelCard:
     """Classes, input size, model, run id, archive checksum, training date, test metrics."""
     return service.card()
 
 
 @router.get("/healthz", response_model=Status, tags=["health"])
-def healthz() -> Status:
+async def healthz() -> Status:
     """Liveness: the process answers."""
     return Status(status="alive")
 
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": Status}}, tags=["health"])
-def readyz(service: Annotated[ModelService, Depends(get_service)]) -> Response:
+async def readyz(service: Annotated[ModelService, Depends(get_service)]) -> Response:
     """Readiness: the model is loaded and a warm-up prediction has been made."""
     if not service.ready:
         return JSONResponse(Status(status="not_ready").model_dump(), status_code=503)
     return JSONResponse(Status(status="ready", run_id=service.run_id).model_dump())
 
 
-@router.get("/metrics", include_in_schema=False)
-def metrics(service: Annotated[ModelService, Depends(get_service)]) -> Response:
+async def prometheus_metrics(service: Annotated[ModelService, Depends(get_service)]) -> Response:
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)
 
 
 @router.get("/", include_in_schema=False)
-def home(request: Request) -> RedirectResponse:
+async def home(request: Request) -> RedirectResponse:
     return RedirectResponse(f"{request.scope.get('root_path', '')}{UI_PATH}/")
 
 
 # --------------------------------------------------------------------------- errors
-def _error(status: int, error: str, detail: str, file: str | None = None, headers: Any = None) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=error, detail=detail, file=file).model_dump(), status, headers=headers)
+def _error(request: Request, status: int, error: str, detail: str, file: str | None = None,
+           headers: Any = None) -> JSONResponse:
+    return error_response(status, error, detail, request_id=getattr(request.state, REQUEST_ID, None), file=file,
+                          headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error is a JSON ErrorBody; bad input is a 4xx, never a 500."""
+    """Every error is a JSON ErrorBody with the request's id; bad input is a 4xx, never a 500."""
 
     @app.exception_handler(UploadRejected)
     async def rejected(request: Request, exc: UploadRejected) -> JSONResponse:
-        return _error(exc.status_code, exc.error, exc.detail, exc.file)
+        return _error(request, exc.status_code, exc.error, exc.detail, exc.file)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        return _error(request, 503, "busy", str(exc), headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(ImageError)
     async def bad_image(request: Request, exc: ImageError) -> JSONResponse:
-        return _error(422, "invalid_image", str(exc))
+        return _error(request, 422, "invalid_image", str(exc))
 
     @app.exception_handler(ModelError)
     async def model_unavailable(request: Request, exc: ModelError) -> JSONResponse:
-        return _error(503, "service_unavailable", str(exc))  # not loaded, or cannot do this (Grad-CAM on ONNX)
+        return _error(request, 503, "service_unavailable", str(exc))  # not loaded, or cannot (Grad-CAM on ONNX)
 
     @app.exception_handler(MelanomaError)
     async def user_error(request: Request, exc: MelanomaError) -> JSONResponse:
-        return _error(422, "invalid_request", str(exc))
+        return _error(request, 422, "invalid_request", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Only location and message: the offending input may be binary.
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return _error(422, "invalid_request", problems)
+        return _error(request, 422, "invalid_request", problems)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-        return _error(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return _error(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("Unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", "An unexpected error occurred; it has been logged.")
+        return _error(request, 500, "internal_error", "An unexpected error occurred; it has been logged.")
 
 
 # --------------------------------------------------------------------------- the app
@@ -266,8 +296,6 @@ def find_examples(run_dir: Path | None) -> list[Path]:
 def add_examples(run_dir: Path, manifest: Any, *, split: str = "test", max_images: int = 4) -> list[Path]:
     """Copy one held-out source image per class (up to ``max_images``) into the run's
     ``examples/`` folder, so that the playground offers real images the model never saw."""
-    import shutil
-
     folder = Path(run_dir) / EXAMPLES_DIR
     folder.mkdir(exist_ok=True)
     held_out = manifest[manifest["split"] == split]
@@ -290,7 +318,7 @@ def create_app(
     """The API and the UI for the run in ``run_dir`` (loaded at start-up), or for an
     already loaded ``predictor``. ``examples``: images offered in the UI (default: the
     run folder's ``examples/``)."""
-    from melanoma.serving.ui import build_ui
+    from melanoma.serving.ui import NonImageUploadsRefused, build_ui
 
     metrics = ServiceMetrics()
     service = ModelService(settings, metrics, run_dir=run_dir, predictor=predictor)
@@ -306,29 +334,56 @@ def create_app(
         yield
         service.stop()
 
-    app = FastAPI(
+    options: dict[str, Any] = dict(
         title="Melanoma research playground",
         description="Dermoscopic lesion classification for research. **Not a medical device.**",
         version=__version__,
         lifespan=lifespan,
         form_limits={"max_files": MAX_FILES_PER_REQUEST},
     )
+    # With docs: the OpenAPI pages load their scripts from the package, not from a CDN.
+    app = (FastAPIOffline(**options) if settings.serve_docs
+           else FastAPI(**options, docs_url=None, redoc_url=None, openapi_url=None))
     app.state.settings = settings
     app.state.service = service
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(ObserveRequests, metrics=metrics)  # outermost: it also sees the 413s
     install_error_handlers(app)
     app.include_router(router)
+    if settings.serve_metrics:
+        app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
+    upload_dir = Path(gradio_upload_dir()).resolve()
     ui = build_ui(
         service,
         examples=find_examples(run_dir) if examples is None else list(examples),
         lime_max_samples=settings.lime_max_samples,
+        upload_dir=upload_dir,
+        cache_seconds=settings.ui_cache_seconds,
     )
+    # Middleware, innermost first: each one added wraps those before it.
+    app.add_middleware(NonImageUploadsRefused, upload_path=f"{UI_PATH}/gradio_api/upload", upload_dir=upload_dir)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout=settings.body_timeout_seconds)
+    # CORS headers for allowed_origins only; Gradio's own CORS, which reflects any origin
+    # when the Host is not loopback, stands aside when the parent app has this one.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                       allow_headers=["*"])
+    app.add_middleware(HostAndOriginGuard, trusted_hosts=settings.trusted_hosts,
+                       allowed_origins=settings.allowed_origins)
+    app.add_middleware(ObserveRequests, metrics=metrics)  # outermost: it gives the request id, and sees every refusal
     import gradio as gr  # after build_ui, which switches Gradio's analytics off
 
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         app, ui, path=UI_PATH, max_file_size=settings.max_upload_bytes, footer_links=["api"], run_history=False
     )
+    # Gradio checks that a file named in a request was uploaded (and not any path on the
+    # server) only once it believes it has been launched, which a mounted app never is.
+    ui.has_launched = True
+    return app
+
+
+def gradio_upload_dir() -> str:
+    """Gradio's upload folder (GRADIO_TEMP_DIR, else <tmp>/gradio)."""
+    from gradio.utils import get_upload_folder
+
+    return get_upload_folder()
 
 
 def app_from_environment() -> FastAPI:
@@ -372,26 +427,41 @@ def serve(
     """Serve the run with uvicorn on ``settings.host``:``settings.port`` until interrupted.
 
     The run folder is checked first, so that a wrong path is a clear error, not a failed
-    worker. Each of the ``workers`` processes loads its own copy of the model.
+    worker. Each of the ``workers`` processes loads its own copy of the model. Uploads to
+    the playground go to a private folder, deleted at the end, unless GRADIO_TEMP_DIR names
+    one. A shutdown lets the requests in progress finish: it waits longer than the
+    slowest may take (body, decoding and explanation deadlines).
     """
     import uvicorn
 
     from melanoma.modeling.runs import read_run
 
     read_run(run_dir)
+    private_uploads = None
+    if not os.environ.get(_GRADIO_UPLOADS_ENV):
+        private_uploads = os.environ[_GRADIO_UPLOADS_ENV] = tempfile.mkdtemp(prefix="melanoma-ui-")
     os.environ[_SERVE_SPEC_ENV] = json.dumps({
         "settings": settings.model_dump(mode="json"),
         "run_dir": str(Path(run_dir).resolve()),
         "examples": None if examples is None else [str(Path(p).resolve()) for p in examples],
     })
-    uvicorn.run(
-        "melanoma.serving.app:app_from_environment",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        root_path=root_path,
-        log_config=logging_config(),
-        access_log=False,  # the request log replaces uvicorn's access log
-        timeout_graceful_shutdown=5,
-    )
+    slowest_request = settings.body_timeout_seconds + settings.predict_timeout_seconds + settings.explain_timeout_seconds
+    try:
+        uvicorn.run(
+            "melanoma.serving.app:app_from_environment",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            root_path=root_path,
+            log_config=logging_config(),
+            access_log=False,  # the request log replaces uvicorn's access log
+            http=functools.partial(H11WithHeaderTimeout, header_timeout=settings.header_timeout_seconds),
+            limit_concurrency=settings.limit_concurrency,
+            timeout_keep_alive=settings.keep_alive_seconds,
+            timeout_graceful_shutdown=math.ceil(slowest_request) + _DRAIN_MARGIN_SECONDS,
+        )
+    finally:
+        if private_uploads is not None:
+            shutil.rmtree(private_uploads, ignore_errors=True)
+            del os.environ[_GRADIO_UPLOADS_ENV]

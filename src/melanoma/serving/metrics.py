@@ -1,21 +1,29 @@
 """Observability: Prometheus collectors (one registry per app, so that several apps can
 live in one process, as in the tests) and an ASGI middleware that records every request
-in them and logs it as one JSON line."""
+in them, gives it a request id and logs it as one JSON line."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import uuid
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("melanoma.serving.access")
 
 # Key under which endpoints leave the uploaded images' sha256 in the request state.
 IMAGE_HASHES = "image_sha256"
+# Key of the request id in the request state, and the header that carries it both ways.
+REQUEST_ID = "request_id"
+REQUEST_ID_HEADER = "x-request-id"
+# A proxy's request id is kept if it is a plain token (it goes into logs and headers).
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Prediction latencies are milliseconds; explanations take seconds.
 _LATENCY_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -57,9 +65,16 @@ def route_label(scope: Scope, root_path: str) -> str:
     return mount + route.path
 
 
+def request_id_of(scope: Scope) -> str:
+    """The id a proxy gave the request (``X-Request-ID``), if it is a plain token, else a new one."""
+    given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+    return given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 class ObserveRequests:
-    """ASGI middleware: request count, latency and in-flight gauge, plus one log line per
-    request with the route, status, latency and the images' sha256 (never the images)."""
+    """ASGI middleware: gives each request an id (returned in ``X-Request-ID``); request
+    count, latency and in-flight gauge; one log line per request with its id, route,
+    status, latency and the images' sha256 (never the images)."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -71,12 +86,14 @@ class ObserveRequests:
             return
         root_path = scope.get("root_path", "")
         state = scope.setdefault("state", {})
+        state[REQUEST_ID] = request_id = request_id_of(scope)
         status = 500  # what the client gets if the app fails before responding
 
         async def send_and_note_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
         start = time.perf_counter()
@@ -91,6 +108,7 @@ class ObserveRequests:
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(latency)
             record: dict[str, Any] = {
+                "request_id": request_id,
                 "method": scope["method"],
                 "route": route,
                 "status": status,

@@ -2,15 +2,16 @@
 
 Every prediction goes through one worker thread that stacks the images of all requests
 waiting at that moment into a single model call (a micro-batch): under load, one call
-serves many clients, and a single client pays no waiting window. Explanations run in
-threads of their own, so that predictions are served while a LIME explanation runs; one
-LIME explanation runs at a time, and each stops at its deadline.
+serves many clients, and a single client pays no waiting window. Decoding and explaining
+run in threads of their own, a bounded number at once (beyond that a request is refused
+at once, never queued without bound), so that predictions are served while a LIME
+explanation runs and health checks never wait behind model work; one LIME explanation
+runs at a time, and each stops at its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import logging
 import queue
@@ -29,7 +30,7 @@ from pydantic import BaseModel, Field
 from melanoma.config import MELANOMA_LABELS, Settings
 from melanoma.data.preprocess import load_image
 from melanoma.errors import ImageError, ModelError
-from melanoma.serving.limits import Upload, UploadRejected, check_upload
+from melanoma.serving.limits import Gate, Upload, UploadRejected, check_upload, check_uploads
 from melanoma.serving.metrics import ServiceMetrics
 
 log = logging.getLogger("melanoma.serving")
@@ -37,6 +38,9 @@ log = logging.getLogger("melanoma.serving")
 # Largest number of images in one model call of the micro-batcher: bounds its memory
 # while amortising the per-call overhead.
 MAX_BATCH = 64
+# Retry-After of a refused request: decoding takes milliseconds, an explanation seconds.
+DECODE_RETRY_AFTER_SECONDS = 1
+EXPLAIN_RETRY_AFTER_SECONDS = 5
 
 
 class ImagePrediction(BaseModel):
@@ -178,6 +182,8 @@ class ModelService:
         self._predictor = predictor
         self._batcher = MicroBatcher(lambda images: self.predictor.predict_arrays(images))
         self._lime_lock = threading.Lock()
+        self.decodes = Gate("image decode", settings.max_concurrent_decodes, DECODE_RETRY_AFTER_SECONDS)
+        self.explanations = Gate("explanation", settings.max_concurrent_explanations, EXPLAIN_RETRY_AFTER_SECONDS)
         self.ready = False
 
     # ------------------------------------------------------------------ life cycle
@@ -186,7 +192,7 @@ class ModelService:
         if self._predictor is None:
             from melanoma.modeling.predict import Predictor
 
-            self._predictor = Predictor.from_run(self._run_dir, max_pixels=self.settings.max_pixels)
+            self._predictor = Predictor.from_run(self._run_dir, max_pixels=self.settings.serve_max_pixels)
         predictor = self._predictor
         # The first calls build compiled functions and import LIME's libraries (seconds):
         # pay for them now, not on a user's request. (Figures are drawn by matplotlib.)
@@ -232,7 +238,21 @@ class ModelService:
     # ------------------------------------------------------------------ prediction
     def prepare(self, upload: Upload) -> np.ndarray:
         """Check an upload (type, pixel count) and turn it into model pixels."""
-        check_upload(upload, max_pixels=self.settings.max_pixels)
+        check_upload(upload, max_pixels=self.settings.serve_max_pixels)
+        return self._decode(upload)
+
+    def prepare_all(self, uploads: list[Upload]) -> np.ndarray:
+        """The model pixels (N, S, S, 3) of a request's uploads, once all their headers
+        have passed the per-image and per-request pixel limits."""
+        check_uploads(uploads, max_pixels=self.settings.serve_max_pixels,
+                      max_request_pixels=self.settings.max_request_pixels)
+        return np.stack([self._decode(upload) for upload in uploads])
+
+    async def decode(self, uploads: list[Upload]) -> np.ndarray:
+        """:meth:`prepare_all` in a decode thread (:class:`Busy` if all are taken)."""
+        return await self.decodes.run(self.prepare_all, uploads)
+
+    def _decode(self, upload: Upload) -> np.ndarray:
         try:
             return load_image(upload.data, self.predictor.params, name=upload.name)
         except ImageError as exc:
@@ -299,15 +319,18 @@ class ModelService:
 
     # ------------------------------------------------------------------ explanation
     async def explain(self, image: np.ndarray, *, method: str, num_samples: int, top_k: int) -> Explanation:
-        """Explain one preprocessed image in a worker thread; TimeoutError after
-        ``explain_timeout_seconds`` (the thread then stops at its next model call)."""
+        """Explain one preprocessed image in an explanation thread (:class:`Busy` if all
+        are taken); TimeoutError after ``explain_timeout_seconds`` (the thread then stops at
+        its next model call)."""
         timeout = self.settings.explain_timeout_seconds
-        work = functools.partial(
-            self.explain_blocking, image, method=method, num_samples=num_samples, top_k=top_k,
-            deadline=time.monotonic() + timeout,
-        )
+        deadline = time.monotonic() + timeout
+
+        def work() -> Explanation:
+            return self.explain_blocking(image, method=method, num_samples=num_samples, top_k=top_k,
+                                         deadline=deadline)
+
         with anyio.fail_after(timeout):
-            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+            return await self.explanations.run(work)
 
     def explain_blocking(self, image: np.ndarray, *, method: str, num_samples: int, top_k: int,
                          deadline: float) -> Explanation:

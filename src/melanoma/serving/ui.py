@@ -1,8 +1,14 @@
 """The Gradio playground mounted at ``/ui``: upload (or pick) a dermoscopic image, see the
-class probabilities, explain them with Grad-CAM or LIME, read the model card."""
+class probabilities, explain them with Grad-CAM or LIME, read the model card.
+
+It only ever reads files uploaded to it (or its examples, which Gradio copies into the same
+upload folder): a request naming any other path on the server is refused. Uploads that
+are not images are deleted as soon as they arrive; the rest, and the explanations, are
+deleted after ``ui_cache_seconds``."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,10 +19,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from melanoma.errors import MelanomaError
-from melanoma.serving.limits import Upload, UploadRejected
-from melanoma.serving.metrics import access_log
+from melanoma.serving.limits import Busy, Upload, UploadRejected, sniff_media_type
+from melanoma.serving.metrics import REQUEST_ID, access_log
+from melanoma.serving.responses import error_response
 from melanoma.serving.service import ImagePrediction, ModelCard, ModelService
 
 if TYPE_CHECKING:
@@ -69,16 +77,70 @@ def log_request(route: str, upload: Upload, start: float) -> None:
     access_log.info(json.dumps({"route": route, "latency_ms": latency_ms, "images_sha256": [upload.sha256]}))
 
 
-def build_ui(service: ModelService, *, examples: Sequence[Path], lime_max_samples: int) -> gr.Blocks:
-    """The Blocks; every model call goes through ``service`` (loaded by the app's lifespan)."""
+def is_image_file(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return sniff_media_type(handle.read(16)) is not None
+
+
+class NonImageUploadsRefused:
+    """ASGI middleware around the playground's upload route (``upload_path``): when a file
+    Gradio has just written is not an image (by its bytes), every file of that upload is
+    deleted and the client gets a 415, so that nothing but images stays on disk."""
+
+    def __init__(self, app: ASGIApp, upload_path: str, upload_dir: Path) -> None:
+        self.app = app
+        self.upload_path = upload_path
+        self.upload_dir = upload_dir
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(self.upload_path):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+
+        async def hold(message: Message) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, hold)  # returns once Gradio has moved the files into place
+        if messages and messages[0]["status"] == 200:
+            body = b"".join(message.get("body", b"") for message in messages[1:])
+            paths = [Path(p).resolve() for p in json.loads(body)]
+            paths = [p for p in paths if p.is_relative_to(self.upload_dir)]
+            refused = [p.name for p in paths if p.is_file() and not is_image_file(p)]
+            if refused:
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # Gradio's folder per upload, if now empty
+                        path.parent.rmdir()
+                response = error_response(415, "unsupported_media_type",
+                                          f"{', '.join(refused)}: not a supported image; the upload was deleted.",
+                                          request_id=scope.get("state", {}).get(REQUEST_ID), file=refused[0])
+                await response(scope, receive, send)
+                return
+        for message in messages:
+            await send(message)
+
+
+def build_ui(service: ModelService, *, examples: Sequence[Path], lime_max_samples: int, upload_dir: Path,
+             cache_seconds: int) -> gr.Blocks:
+    """The Blocks; every model call goes through ``service`` (loaded by the app's lifespan).
+    Only files in ``upload_dir`` (Gradio's upload folder) are read; Gradio deletes the
+    uploads and results older than ``cache_seconds``, every ``cache_seconds``."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is first imported
     import gradio as gr
 
     def prepare(path: str) -> tuple[Upload, np.ndarray]:
-        upload = Upload.of(Path(path).name, Path(path).read_bytes())
+        file = Path(path).resolve()
+        if not file.is_relative_to(upload_dir):  # whatever Gradio checked, never read another file of the server
+            raise gr.Error("Only images uploaded to this playground can be classified.")
+        upload = Upload.of(file.name, file.read_bytes())
         try:
-            return upload, service.prepare(upload)
+            with service.decodes.slot():
+                return upload, service.prepare(upload)
         except (UploadRejected, MelanomaError) as exc:
+            file.unlink(missing_ok=True)  # e.g. a non-image sent inline: it must not stay on disk
+            raise gr.Error(str(exc)) from None
+        except Busy as exc:
             raise gr.Error(str(exc)) from None
 
     def classify(path: str | None) -> tuple[dict[str, float] | None, str]:
@@ -97,17 +159,21 @@ def build_ui(service: ModelService, *, examples: Sequence[Path], lime_max_sample
         upload, image = prepare(path)
         timeout = service.settings.explain_timeout_seconds
         try:
-            result = service.explain_blocking(image, method=METHODS[method], num_samples=int(samples), top_k=1,
-                                              deadline=time.monotonic() + timeout)
+            with service.explanations.slot():
+                result = service.explain_blocking(image, method=METHODS[method], num_samples=int(samples), top_k=1,
+                                                  deadline=time.monotonic() + timeout)
         except TimeoutError:
             raise gr.Error(f"The explanation took longer than {timeout:g} s: try fewer LIME samples.") from None
+        except Busy as exc:
+            raise gr.Error(str(exc)) from None
         log_request(f"ui:explain:{METHODS[method]}", upload, start)
         note = (f"{method} of **{result.explained_classes[0]}** in {result.seconds:.2f} s. "
                 + ("Green superpixels push towards the class, red ones against it." if method == "LIME"
                    else "Warm colours mark the regions that raise the class score most."))
         return Image.open(io.BytesIO(result.overlay_png)), note
 
-    with gr.Blocks(title="Melanoma research playground", analytics_enabled=False) as ui:
+    with gr.Blocks(title="Melanoma research playground", analytics_enabled=False,
+                   delete_cache=(cache_seconds, cache_seconds)) as ui:
         gr.Markdown("# Melanoma research playground")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         with gr.Row():
