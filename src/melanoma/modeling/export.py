@@ -1,6 +1,8 @@
 """Export a run's model for other runtimes: ``model.onnx`` beside ``model.keras``.
 
 ONNX Runtime then serves it without TensorFlow (``Predictor.from_run(..., engine="onnx")``).
+The exported graph has two outputs, the probabilities and the pooled features, so that the
+ONNX engine scores images with the run's out-of-distribution gate as the Keras one does.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from melanoma.errors import MelanomaError, ModelError
-from melanoma.modeling.predict import ONNX_FILE, load_keras_model
+from melanoma.modeling.predict import ONNX_FILE, load_keras_model, with_features
 from melanoma.modeling.runs import read_run
 
 EXPORT_FORMATS = ("onnx",)
@@ -25,7 +27,7 @@ def export_model(run_dir: Path, export_format: str = "onnx") -> Path:
     if export_format not in EXPORT_FORMATS:
         raise MelanomaError(f"Unknown export format {export_format!r}: choose one of {', '.join(EXPORT_FORMATS)}.")
     run = read_run(run_dir)
-    model = load_keras_model(run.model_path)
+    model = with_features(load_keras_model(run.model_path))
     model(np.zeros((1, run.image_size, run.image_size, 3), np.float32))  # export needs a built call graph
     target = run.path / ONNX_FILE
     # Keras writes the file itself (via tf2onnx), so export into a scratch folder beside the
