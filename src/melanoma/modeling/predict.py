@@ -120,9 +120,10 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: Path, *, engine: str = "keras", max_pixels: int | None = None,
-                 calibration: bool = True) -> Predictor:
+                 calibration: bool = True, gate: bool = True) -> Predictor:
         """Load ``run_dir``'s model with ``engine`` ("keras" or "onnx"), its temperature
-        (unless ``calibration`` is False) and its out-of-distribution gate, where fitted."""
+        (unless ``calibration`` is False) and its out-of-distribution gate (unless ``gate``
+        is False), where fitted."""
         if engine not in ENGINES:
             raise ModelError(f"Unknown engine {engine!r}: choose one of {', '.join(ENGINES)}.")
         run = read_run(run_dir)
@@ -131,8 +132,8 @@ class Predictor:
             params = dataclasses.replace(params, image_size=run.image_size)
         if max_pixels is not None:
             params = dataclasses.replace(params, max_pixels=max_pixels)
-        ood = run.meta.get("ood")
-        gate = NeighbourGate.load(run.path, ood["threshold"]) if ood else None
+        ood = run.meta.get("ood") if gate else None
+        fitted_gate = NeighbourGate.load(run.path, ood["threshold"]) if ood else None
         temperature = run.temperature if calibration else 1.0
         model = None
         if engine == "keras":
@@ -140,8 +141,8 @@ class Predictor:
             _check_model_shape(run, run.model_path, model.input_shape, model.output_shape)
             infer = _keras_infer(model)
         else:
-            infer = _onnx_session(run, needs_features=gate is not None)
-        return cls(run, infer, engine=engine, params=params, model=model, temperature=temperature, gate=gate)
+            infer = _onnx_session(run, needs_features=fitted_gate is not None)
+        return cls(run, infer, engine=engine, params=params, model=model, temperature=temperature, gate=fitted_gate)
 
     def preprocess(self, source: ImageSource) -> np.ndarray:
         """One image as the model sees it: uint8 RGB (S, S, 3)."""
