@@ -56,7 +56,7 @@ def main() -> None:
 
     console = Console(width=160)
     predictor = Predictor.from_run(args.run)
-    if predictor.gate is None:
+    if predictor.ood_gate is None:
         raise SystemExit(f"{args.run} has no out-of-distribution gate: run `melanoma calibrate --run {args.run}`.")
     archive = open_archive(Path(predictor.run.meta["archive"]["path"]))
     limits = QualityLimits.from_settings(Settings(), predictor.image_size)

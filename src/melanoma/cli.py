@@ -325,7 +325,7 @@ def predict(
         for index, (path, probs) in enumerate(zip(result.paths, result.probabilities)):
             first, second = probs.argsort()[::-1][:2]
             ood = "–" if result.ood_score is None else (
-                f"{result.ood_score[index]:.3f}" + ("" if result.in_distribution[index] else " [bold red]OUT OF DISTRIBUTION[/]"))
+                f"{result.ood_score[index]:.3g}" + ("" if result.in_distribution[index] else " [bold red]OUT OF DISTRIBUTION[/]"))
             table.add_row(path.name, predictor.classes[first], f"{probs[first]:.3f}",
                           f"{predictor.classes[second]} {probs[second]:.3f}", ood,
                           ", ".join(w.code for w in result.warnings[index]))
@@ -584,7 +584,7 @@ def calibrate_command(
               f"NLL {calibration['val_nll_before']:.3f} -> {calibration['val_nll_after']:.3f}, "
               f"ECE {calibration['val_ece_before']:.3f} -> {calibration['val_ece_after']:.3f}.", highlight=False)
     out.print(f"Out-of-distribution gate: cosine distance of the {ood['feature_size']} features to the {ood['k']}th "
-              f"nearest of {ood['n_train']:,} training images; threshold {ood['threshold']:.3f} flags {ood['flag_fraction']:.0%} of validation images.",
+              f"nearest of {ood['n_train']:,} training images; threshold {ood['threshold']:.3g} flags {ood['flag_fraction']:.0%} of validation images.",
               highlight=False)
     if info.metrics:
         out.print(f"Next: melanoma evaluate --run {run} (metrics.json predates this calibration)", highlight=False)

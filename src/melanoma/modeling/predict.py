@@ -106,23 +106,23 @@ class Predictor:
     """A run's model, loaded once, behind a lock so that threads can share it."""
 
     def __init__(self, run: RunInfo, infer: Infer, *, engine: str, params: PreprocessParams, model: Any = None,
-                 temperature: float = 1.0, gate: NeighbourGate | None = None):
+                 temperature: float = 1.0, ood_gate: NeighbourGate | None = None):
         self.run = run
         self.classes = list(run.classes)
         self.image_size = run.image_size
         self.params = params
         self.engine = engine
         self.temperature = temperature  # applied to every probability; 1: the model's own
-        self.gate = gate
+        self.ood_gate = ood_gate
         self._infer = infer
         self._lock = threading.Lock()
         self.model = model  # the Keras model of the "keras" engine (Grad-CAM needs it)
 
     @classmethod
     def from_run(cls, run_dir: Path, *, engine: str = "keras", max_pixels: int | None = None,
-                 calibration: bool = True, gate: bool = True) -> Predictor:
+                 calibration: bool = True, ood: bool = True) -> Predictor:
         """Load ``run_dir``'s model with ``engine`` ("keras" or "onnx"), its temperature
-        (unless ``calibration`` is False) and its out-of-distribution gate (unless ``gate``
+        (unless ``calibration`` is False) and its out-of-distribution gate (unless ``ood``
         is False), where fitted."""
         if engine not in ENGINES:
             raise ModelError(f"Unknown engine {engine!r}: choose one of {', '.join(ENGINES)}.")
@@ -132,8 +132,7 @@ class Predictor:
             params = dataclasses.replace(params, image_size=run.image_size)
         if max_pixels is not None:
             params = dataclasses.replace(params, max_pixels=max_pixels)
-        ood = run.meta.get("ood") if gate else None
-        fitted_gate = NeighbourGate.load(run.path, ood["threshold"]) if ood else None
+        gate_meta = run.meta.get("ood") if ood else None
         temperature = run.temperature if calibration else 1.0
         model = None
         if engine == "keras":
@@ -141,8 +140,10 @@ class Predictor:
             _check_model_shape(run, run.model_path, model.input_shape, model.output_shape)
             infer = _keras_infer(model)
         else:
-            infer = _onnx_session(run, needs_features=fitted_gate is not None)
-        return cls(run, infer, engine=engine, params=params, model=model, temperature=temperature, gate=fitted_gate)
+            infer = _onnx_session(run, needs_features=gate_meta is not None)
+        # After the model: a broken model is the error to report first.
+        fitted_gate = NeighbourGate.load(run.path, gate_meta["threshold"]) if gate_meta else None
+        return cls(run, infer, engine=engine, params=params, model=model, temperature=temperature, ood_gate=fitted_gate)
 
     def preprocess(self, source: ImageSource) -> np.ndarray:
         """One image as the model sees it: uint8 RGB (S, S, 3)."""
@@ -159,9 +160,9 @@ class Predictor:
         the score is that of the image as given, as the gate's threshold was."""
         probabilities, features = self.model_outputs(images, tta=tta)
         scores = inside = None
-        if self.gate is not None:
-            scores = self.gate.score(features)
-            inside = self.gate.in_distribution(scores)
+        if self.ood_gate is not None:
+            scores = self.ood_gate.score(features)
+            inside = self.ood_gate.in_distribution(scores)
         return Prediction(temperature_scale(probabilities, self.temperature), probabilities, scores, inside)
 
     def model_outputs(self, images: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -215,9 +216,9 @@ class Predictor:
                 on_progress(len(paths[start:start + _CHUNK]))
         if not results:
             return FilePredictions(kept, np.zeros((0, len(self.classes)), np.float32), skipped, warnings=warnings)
-        scores = None if self.gate is None else np.concatenate([r.ood_score for r in results])
+        scores = None if self.ood_gate is None else np.concatenate([r.ood_score for r in results])
         return FilePredictions(kept, np.concatenate([r.probabilities for r in results]), skipped, scores,
-                               None if scores is None else self.gate.in_distribution(scores), warnings)
+                               None if scores is None else self.ood_gate.in_distribution(scores), warnings)
 
     def _run_batches(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         probabilities, features = [], []

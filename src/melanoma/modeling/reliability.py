@@ -49,7 +49,7 @@ def fit_reliability(run_dir: Path, archive: Archive, *, flag_fraction: float) ->
     was trained on) and record them in the run; returns run.json's new ``calibration``
     and ``ood`` entries."""
     run_dir = Path(run_dir)
-    predictor = Predictor.from_run(run_dir, calibration=False, gate=False)  # refitted here
+    predictor = Predictor.from_run(run_dir, calibration=False, ood=False)  # refitted here
     check_archive(predictor.run.meta, archive)
     train_rows, val_rows = archive.indices("train"), archive.indices("val")
     val_labels = archive.labels[val_rows]

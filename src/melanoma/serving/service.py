@@ -301,7 +301,7 @@ class ModelService:
         decision = None
         if melanoma_probability is not None and threshold is not None:
             decision = "above_threshold" if melanoma_probability >= threshold else "below_threshold"
-        gate = self.predictor.gate
+        gate = self.predictor.ood_gate
         limits = QualityLimits.from_settings(self.settings, self.predictor.image_size)
         return ImagePrediction(
             file=upload.name,

@@ -46,8 +46,8 @@ def warnings_markdown(prediction: ImagePrediction) -> str:
     """The out-of-distribution warning and the input-quality warnings, if any."""
     lines = []
     if prediction.in_distribution is False:
-        lines.append(f"⚠️ **{OOD_WARNING}** (out-of-distribution score {prediction.ood_score:.3f}, above the "
-                     f"threshold {prediction.ood_threshold:.3f}). The probabilities below are shown for the record: "
+        lines.append(f"⚠️ **{OOD_WARNING}** (out-of-distribution score {prediction.ood_score:.3g}, above the "
+                     f"threshold {prediction.ood_threshold:.3g}). The probabilities below are shown for the record: "
                      "do not trust them.")
     lines += [f"⚠️ **{w.code.replace('_', ' ').capitalize()}**: {w.message}" for w in prediction.warnings]
     return "\n\n".join(lines)
@@ -101,7 +101,7 @@ def card_markdown(card: ModelCard) -> str:
                      f"{card.calibration['val_ece_after']:.3f}")
     if card.ood:
         lines.append(f"**Out-of-distribution gate** cosine distance of the model's features to the training images, "
-                     f"threshold {card.ood['threshold']:.3f} (flags {card.ood['flag_fraction']:.0%} of validation images)")
+                     f"threshold {card.ood['threshold']:.3g} (flags {card.ood['flag_fraction']:.0%} of validation images)")
     metrics = card.metrics
     if not metrics:
         lines.append("**Test metrics** none: this run has not been evaluated (`melanoma evaluate`).")
