@@ -134,6 +134,23 @@ def _train_and_evaluate(archive_path: Path, run_dir: Path, *, seed: int) -> Path
 
 
 @pytest.fixture(scope="session")
+def lite0_run(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One head-only epoch of the default model (ImageNet-pretrained EfficientNet-Lite0) on
+    ``small_ham_archive``, trained through the CLI as a user would."""
+    from typer.testing import CliRunner
+
+    from melanoma.cli import app
+
+    work = tmp_path_factory.mktemp("lite0")
+    run_dir = work / "run"
+    result = CliRunner().invoke(app, ["train", "--archive", str(small_ham_archive), "--epochs", "1",
+                                      "--freeze-epochs", "1", "--run-dir", str(run_dir)],
+                                env={"MELANOMA_WEIGHTS_DIR": str(work / "weights")})
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def predictor(trained_run: Path):
     """The ``trained_run`` model, loaded once for every test that predicts or explains."""
     from melanoma.modeling.predict import Predictor

@@ -11,27 +11,12 @@ import numpy as np
 import pytest
 
 from melanoma.data.archive import open_archive, read_rows
+from melanoma.data.outliers import SYNTHETIC_KINDS, rejection_set
 from melanoma.modeling.explain import GradCam
 from melanoma.modeling.export import export_model
 from melanoma.modeling.predict import Predictor
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def lite0_run(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One head-only epoch of the default model, trained through the CLI as a user would."""
-    from typer.testing import CliRunner
-
-    from melanoma.cli import app
-
-    work = tmp_path_factory.mktemp("lite0")
-    run_dir = work / "run"
-    result = CliRunner().invoke(app, ["train", "--archive", str(small_ham_archive), "--epochs", "1",
-                                      "--freeze-epochs", "1", "--run-dir", str(run_dir)],
-                                env={"MELANOMA_WEIGHTS_DIR": str(work / "weights")})
-    assert result.exit_code == 0, result.output
-    return run_dir
 
 
 def test_default_training_starts_from_converted_imagenet_weights(lite0_run: Path) -> None:
@@ -53,5 +38,20 @@ def test_default_model_predicts_explains_and_exports(lite0_run: Path, small_ham_
     assert heatmaps.shape == (2, 64, 64) and heatmaps.max() == pytest.approx(1) and heatmaps.std() > 0
 
     export_model(lite0_run, "onnx")
-    onnx_probabilities = Predictor.from_run(lite0_run, engine="onnx").predict_arrays(images)
-    assert np.abs(onnx_probabilities - probabilities).max() < 1e-4
+    onnx_predictor = Predictor.from_run(lite0_run, engine="onnx")
+    onnx_prediction = onnx_predictor.analyse_arrays(images)
+    # The ONNX engine applies the same temperature and scores with the same gate.
+    assert onnx_predictor.temperature == keras_predictor.temperature != 1
+    assert np.abs(onnx_prediction.probabilities - probabilities).max() < 1e-4
+    np.testing.assert_allclose(onnx_prediction.ood_score, keras_predictor.analyse_arrays(images).ood_score, atol=1e-4)
+
+
+def test_the_default_models_gate_flags_synthetic_junk_and_passes_lesions(lite0_run: Path,
+                                                                         small_ham_archive: Path) -> None:
+    predictor = Predictor.from_run(lite0_run)
+    archive = open_archive(small_ham_archive)
+    inside = predictor.analyse_arrays(read_rows(archive.images, archive.indices("test"))).in_distribution
+    assert inside.mean() >= 0.85  # 5% of the validation images are flagged by construction
+    for kind in SYNTHETIC_KINDS:
+        junk = np.stack([predictor.preprocess(image) for image in rejection_set(kind, n=20, seed=0)])
+        assert (~predictor.analyse_arrays(junk).in_distribution).mean() >= 0.9, kind

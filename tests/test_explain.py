@@ -60,7 +60,8 @@ def left_half_predictor(trained_run: Path, image: np.ndarray) -> Predictor:
     head.set_weights([np.array([[0.0, 1.0]] * 2) / image_energy, np.array([0.0, -1.0])])
     run = read_run(trained_run)
     fake_run = type(run)(run.path, run.meta, ["flat", "textured"], size, run.preprocess, run.model_path, None)
-    return Predictor(fake_run, lambda x: np.asarray(model.predict_on_batch(x)), engine="keras", params=run.preprocess)
+    return Predictor(fake_run, lambda x: (np.asarray(model.predict_on_batch(x)), None), engine="keras",
+                     params=run.preprocess)
 
 
 def test_lime_finds_the_region_the_model_looks_at(left_half_predictor: Predictor, image: np.ndarray) -> None:

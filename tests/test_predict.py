@@ -14,6 +14,7 @@ import pytest
 from crafted_images import png_declaring
 
 from melanoma.errors import ImageError, ModelError
+from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.evaluate import ISIC_COLUMNS
 from melanoma.modeling.predict import Predictor, tta_views
 
@@ -50,7 +51,9 @@ def image_folder(tmp_path: Path, ham_files: list[Path]) -> Path:
 
 def test_predictions_are_the_models_probabilities(predictor: Predictor, test_images: np.ndarray) -> None:
     probabilities = predictor.predict_arrays(test_images)
-    expected = np.asarray(predictor.model(test_images.astype(np.float32), training=False))
+    # The run's temperature (fitted at the end of training) scales the model's own probabilities.
+    expected = temperature_scale(np.asarray(predictor.model(test_images.astype(np.float32), training=False)),
+                                 predictor.temperature)
     assert probabilities.shape == (len(test_images), len(predictor.classes))
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 
 from melanoma.config import Settings
+from melanoma.data.outliers import natural_images
 from melanoma.modeling.predict import Predictor
 from melanoma.serving.app import create_app
+from melanoma.serving.service import class_name
+from melanoma.serving.ui import OOD_LABEL, OOD_WARNING
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.browser]
 
@@ -72,7 +75,9 @@ def test_upload_shows_the_prediction_and_an_explanation(live_url: str, predictor
     from playwright.sync_api import expect, sync_playwright
 
     image = ham_images_by_class["bcc"]
-    expected = predictor.classes[int(np.argmax(predictor.predict([image])[0]))]
+    prediction = predictor.analyse_arrays(predictor.preprocess(image)[None])
+    expected = (class_name(predictor.classes[int(np.argmax(prediction.probabilities[0]))])
+                if prediction.in_distribution[0] else OOD_LABEL)
     hosts: set[str] = set()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
@@ -93,3 +98,30 @@ def test_upload_shows_the_prediction_and_an_explanation(live_url: str, predictor
         finally:
             browser.close()
     assert hosts <= {"127.0.0.1"}, f"the page called other hosts: {sorted(hosts - {'127.0.0.1'})}"
+
+
+def test_a_non_dermoscopic_image_gets_the_warning_not_a_label(live_url: str, predictor: Predictor,
+                                                              tmp_path: Path) -> None:
+    chromium = chromium_or_skip()
+    import cv2
+    from playwright.sync_api import expect, sync_playwright
+
+    # A photograph from scikit-image's samples (or a crop of one) that the run's gate rejects.
+    photos = natural_images(crops_per_image=3, seed=0)
+    flagged = ~predictor.analyse_arrays(np.stack([predictor.preprocess(p) for p in photos])).in_distribution
+    assert flagged.any(), "the gate passed every natural photograph"
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(photos[int(np.argmax(flagged))], cv2.COLOR_RGB2BGR))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{live_url}/ui/")
+            page.locator("#image input[type=file]").set_input_files(photo)
+            expect(page.locator("#warnings")).to_contain_text(OOD_WARNING, timeout=60_000)
+            expect(page.locator("#probabilities")).to_contain_text(OOD_LABEL)
+            expect(page.locator("#decision")).to_contain_text("probability")  # still shown, in a table
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=ARTIFACTS / "serving-ui-ood.png", full_page=True)
+        finally:
+            browser.close()

@@ -14,6 +14,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from melanoma.data.archive import open_archive
 from melanoma.errors import ModelError
+from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.evaluate import predict_rows
 from melanoma.modeling.models import small_cnn
 from melanoma.modeling.train import ArchiveFeed, EpochReport, class_weights, train, training_model
@@ -84,7 +85,8 @@ def test_best_checkpoint_reloads_to_the_recorded_predictions(trained_run: Path, 
     meta = json.loads((trained_run / "run.json").read_text())
     assert val_bma == pytest.approx(meta["best"]["val_bma"], abs=1e-9)
     recorded = pd.read_csv(trained_run / "predictions_test.csv")
-    probabilities = predict_rows(model, archive, archive.indices("test"))
+    # evaluate applies the temperature that training fitted on the validation split.
+    probabilities = temperature_scale(predict_rows(model, archive, archive.indices("test")), meta["calibration"]["temperature"])
     np.testing.assert_allclose(recorded[["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]].to_numpy(),
                                probabilities[:, [archive.classes.index(c) for c in ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")]],
                                atol=2e-6)

@@ -279,6 +279,10 @@ SegmentationOption = Annotated[
     Optional[SegmentationChoice], typer.Option("--segmentation", help="Superpixels for LIME: slic (fast) or quickshift "
                                 "(default: lime_segmentation setting).")
 ]
+CalibrationOption = Annotated[
+    Optional[bool], typer.Option("--calibration/--no-calibration", help="Apply the run's temperature (fitted on "
+                                 "validation) to the probabilities (default: calibration setting).")
+]
 SuperpixelsOption = Annotated[
     Optional[int], typer.Option("--superpixels", help="About how many superpixels SLIC makes "
                                 "(default: lime_superpixels setting).")
@@ -314,11 +318,18 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips/rotations of each image.")] = False,
     engine: Annotated[EngineChoice, typer.Option(help="keras, or onnx (needs `melanoma export`).")] = "keras",
     max_pixels: MaxPixelsOption = None,
+    calibration: CalibrationOption = None,
 ) -> None:
-    """Classify images with a trained run. Unreadable files are reported and skipped."""
+    """Classify images with a trained run. Unreadable files are reported and skipped.
+
+    Each image also gets an out-of-distribution score (in_distribution: False when it does not
+    look like the training images) and input-quality warnings (too_small, near_blank,
+    blurred, extreme_aspect_ratio).
+    """
+    from melanoma.data.quality import QualityLimits
     from melanoma.modeling.predict import Predictor, predictions_text, write_text
 
-    settings = settings_for(ctx, max_pixels=max_pixels)
+    settings = settings_for(ctx, max_pixels=max_pixels, calibration=calibration)
     fmt = fmt or ("json" if out_file and out_file.suffix == ".json" else "csv" if out_file else "table")
     if fmt not in ("table", "csv", "isic", "json") or (fmt == "table" and out_file):
         raise MelanomaError(f"Unknown output format {fmt!r} for {out_file or 'the terminal'}: "
@@ -330,29 +341,41 @@ def predict(
         paths += sorted(p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise MelanomaError("No images given.", hint="Name image files, or a folder with --input-dir.")
-    predictor = Predictor.from_run(run, engine=engine, max_pixels=settings.max_pixels)
+    predictor = Predictor.from_run(run, engine=engine, max_pixels=settings.max_pixels, calibration=settings.calibration)
     with _progress() as progress:
         task = progress.add_task("Predicting", total=len(paths), visible=input_dir is not None)
-        result = predictor.predict_files(paths, tta=tta, on_progress=lambda n: progress.advance(task, n))
+        result = predictor.predict_files(paths, tta=tta, on_progress=lambda n: progress.advance(task, n),
+                                         quality=QualityLimits.from_settings(settings, predictor.image_size))
     for _, reason in result.skipped:
         console.print(f"[yellow]Skipped[/] {reason}", highlight=False)
     if not result.paths:
         raise MelanomaError(f"None of the {len(paths)} images could be read.")
     if fmt == "table":
         table = Table(title=f"Predictions of {predictor.run.run_id}" + (" (TTA)" if tta else ""))
-        for column in ("file", "prediction", "probability", "runner-up"):
+        for column in ("file", "prediction", "probability", "runner-up", "OOD score", "warnings"):
             table.add_column(column)
-        for path, probs in zip(result.paths, result.probabilities):
+        for index, (path, probs) in enumerate(zip(result.paths, result.probabilities)):
             first, second = probs.argsort()[::-1][:2]
+            ood = "–" if result.ood_score is None else (
+                f"{result.ood_score[index]:.3g}" + ("" if result.in_distribution[index] else " [bold red]OUT OF DISTRIBUTION[/]"))
             table.add_row(path.name, predictor.classes[first], f"{probs[first]:.3f}",
-                          f"{predictor.classes[second]} {probs[second]:.3f}")
+                          f"{predictor.classes[second]} {probs[second]:.3f}", ood,
+                          ", ".join(w.code for w in result.warnings[index]))
         out.print(table)
+        if result.in_distribution is not None and not result.in_distribution.all():
+            out.print("[yellow]OUT OF DISTRIBUTION: these images do not look like the dermoscopic images the model "
+                      "was trained on; their probabilities are not to be trusted.[/]")
     else:
-        text = predictions_text(result.paths, result.probabilities, predictor.classes, fmt)
+        text = predictions_text(result.paths, result.probabilities, predictor.classes, fmt,
+                                ood_score=result.ood_score, in_distribution=result.in_distribution,
+                                warnings=result.warnings)
         if out_file:
             write_text(out_file, text)
         else:
             out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    for path, found in zip(result.paths, result.warnings):
+        for warning in found:
+            console.print(f"[yellow]Warning ({warning.code})[/] {path}: {warning.message}", highlight=False)
     if out_file:
         console.print(f"Wrote {len(result.paths)} predictions to {out_file}.")
     if result.skipped:
@@ -534,6 +557,7 @@ def train_command(
         early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
         freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
         weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
+        ood_flag_fraction=settings.ood_flag_fraction,
     )
     if result.status == "interrupted":
         console.print(f"[yellow]Interrupted after {result.epochs_done} complete epoch(s); the checkpoint is saved.[/] "
@@ -554,18 +578,20 @@ def evaluate_command(
     bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap samples for the confidence intervals (0: none).")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(help="Melanoma sensitivity that sets the threshold (on val).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips/rotations of each image (8x the time).")] = False,
+    calibration: CalibrationOption = None,
 ) -> None:
     """Evaluate a run: metrics.json, figures, report.md and ISIC-format predictions in the run folder."""
     from melanoma.data.archive import open_archive
     from melanoma.modeling.evaluate import REPORT_FILE, evaluate_run
     from melanoma.modeling.runs import read_run
 
-    settings = settings_for(ctx, bootstrap_samples=bootstrap, target_sensitivity=target_sensitivity)
+    settings = settings_for(ctx, bootstrap_samples=bootstrap, target_sensitivity=target_sensitivity, calibration=calibration)
     info = read_run(run)
     opened = open_archive(archive or Path(info.meta["archive"]["path"]))
     with console.status(f"Evaluating {run} on the {split} split ..."):
         metrics = evaluate_run(run, opened, split, target_sensitivity=settings.target_sensitivity,
-                               bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, tta=tta)
+                               bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, tta=tta,
+                               calibration=settings.calibration)
     ci = metrics.get("ci", {})
     table = Table(title=f"{info.run_id}: {split} split, {metrics['n_images']:,} images" + (" (TTA)" if tta else ""))
     table.add_column("metric")
@@ -580,9 +606,13 @@ def evaluate_command(
         table.add_row(f"melanoma sensitivity / specificity (threshold {melanoma['threshold']:.3f} from val)",
                       f"{_number(melanoma['sensitivity'])} / {_number(melanoma['specificity'])}", "")
         table.add_row(f"specificity at sensitivity {melanoma['target_sensitivity']}", _number(melanoma["specificity_at_target"]), "")
-    table.add_row("expected calibration error", _number(metrics["ece"]), "")
-    table.add_row("Brier score", _number(metrics["brier"]), "")
+    before, temperature = metrics["calibration"]["before"], metrics["temperature"]
+    for name, key in (("expected calibration error", "ece"), ("Brier score", "brier"), ("NLL (log loss)", "nll")):
+        after = metrics["log_loss" if key == "nll" else key]
+        table.add_row(name + (f" (uncalibrated {_number(before[key])})" if temperature != 1 else ""), _number(after), "")
     out.print(table)
+    out.print(f"Temperature {temperature:.3f} applied." if temperature != 1 else
+              "Uncalibrated probabilities (no temperature applied).", highlight=False)
     _print_subgroups(metrics)
     out.print(f"Report: {Path(run) / REPORT_FILE}", highlight=False)
 
@@ -639,6 +669,35 @@ def compare_command(
         out.print(f"Wrote {write_comparison(result, out_file)}", highlight=False)
 
 
+@app.command("calibrate")
+def calibrate_command(
+    ctx: typer.Context,
+    run: RunOption,
+    archive: Annotated[Optional[Path], typer.Option(help="Archive (default: the one the run was trained on).")] = None,
+    flag_fraction: Annotated[Optional[float], typer.Option(help="Share of validation images the out-of-distribution "
+                                                           "gate flags (default: ood_flag_fraction setting).")] = None,
+) -> None:
+    """Fit a run's temperature (validation NLL) and out-of-distribution gate; `train` does it for new runs."""
+    from melanoma.data.archive import open_archive
+    from melanoma.modeling.reliability import fit_reliability
+    from melanoma.modeling.runs import read_run
+
+    settings = settings_for(ctx, ood_flag_fraction=flag_fraction)
+    info = read_run(run)
+    opened = open_archive(archive or Path(info.meta["archive"]["path"]))
+    with console.status(f"Fitting the temperature and the out-of-distribution gate of {run} ..."):
+        fitted = fit_reliability(run, opened, flag_fraction=settings.ood_flag_fraction)
+    calibration, ood = fitted["calibration"], fitted["ood"]
+    out.print(f"Temperature {calibration['temperature']:.3f} (validation, {calibration['n_images']:,} images): "
+              f"NLL {calibration['val_nll_before']:.3f} -> {calibration['val_nll_after']:.3f}, "
+              f"ECE {calibration['val_ece_before']:.3f} -> {calibration['val_ece_after']:.3f}.", highlight=False)
+    out.print(f"Out-of-distribution gate: cosine distance of the {ood['feature_size']} features to the {ood['k']}th "
+              f"nearest of {ood['n_train']:,} training images; threshold {ood['threshold']:.3g} flags {ood['flag_fraction']:.0%} of validation images.",
+              highlight=False)
+    if info.metrics:
+        out.print(f"Next: melanoma evaluate --run {run} (metrics.json predates this calibration)", highlight=False)
+
+
 @app.command("runs")
 def runs_command(
     ctx: typer.Context,
@@ -690,11 +749,14 @@ def serve_command(
     root_path: Annotated[
         str, typer.Option(help="URL prefix under which a reverse proxy publishes the server, e.g. /melanoma.")
     ] = "",
+    calibration: CalibrationOption = None,
+    cross_site_run: Annotated[Optional[Path], typer.Option(help="The same model's cross-clinic run: its test "
+                                                           "figures appear in the model card.")] = None,
 ) -> None:
     """Serve a run: REST API (/v1/..., docs at /docs), playground at /ui, /metrics for Prometheus."""
     from melanoma.serving.app import serve, ui_url
 
-    settings = settings_for(ctx, host=host, port=port)
+    settings = settings_for(ctx, host=host, port=port, calibration=calibration, cross_site_run=cross_site_run)
     out.print(f"Loading {run}; once it is ready the playground is at [bold]{ui_url(settings, root_path)}[/] "
               "(API docs at /docs). Ctrl+C stops it.", soft_wrap=True)
     serve(settings, run, workers=workers, root_path=root_path)

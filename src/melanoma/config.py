@@ -37,6 +37,15 @@ EngineChoice = Literal["keras", "onnx"]
 ExplainMethod = Literal["lime", "gradcam", "both"]
 ExportFormat = Literal["onnx"]
 ListFormat = Literal["table", "csv", "json"]
+# What each class code means, for people (HAM10000's codes and ISIC 2019's).
+CLASS_NAMES = {
+    "mel": "Melanoma", "nv": "Melanocytic nevus", "bcc": "Basal cell carcinoma",
+    "akiec": "Actinic keratosis / intraepithelial carcinoma", "ak": "Actinic keratosis",
+    "bkl": "Benign keratosis-like lesion", "df": "Dermatofibroma", "vasc": "Vascular lesion",
+    "scc": "Squamous cell carcinoma", "unk": "Unknown", "melanoma": "Melanoma",
+}
+# Share of in-distribution (validation) images that the out-of-distribution gate flags.
+DEFAULT_OOD_FLAG_FRACTION = 0.05
 
 
 class Settings(BaseSettings):
@@ -90,6 +99,20 @@ class Settings(BaseSettings):
     bootstrap_samples: int = Field(1000, ge=0)
     compare_min_class_images: int = Field(30, ge=1, description="`compare`: classes with fewer test images are "
                                           "left out of its second BMA (one image of a tiny class moves BMA a lot).")
+
+    # Predictions that know their limits (calibration, out-of-distribution gate, input quality)
+    calibration: bool = Field(True, description="Apply the run's temperature (fitted on validation) to probabilities.")
+    ood_flag_fraction: float = Field(DEFAULT_OOD_FLAG_FRACTION, gt=0, lt=1,
+                                     description="Share of validation images the out-of-distribution gate flags.")
+    quality_min_side: int | None = Field(None, ge=1, description="Warn when an image's shorter side is below "
+                                         "this (unset: the model's input size, i.e. the image is enlarged).")
+    quality_max_aspect_ratio: float = Field(3.0, gt=1, description="Warn when long side / short side is above this.")
+    quality_min_contrast: float = Field(4.0, ge=0, description="Warn (near-blank) when the grey-level standard "
+                                        "deviation is below this (HAM10000 and ISIC: 6.4 at least).")
+    quality_min_sharpness: float = Field(12.0, ge=0, description="Warn (blurred) when the variance of the Laplacian "
+                                         "at 64 px is below this (HAM10000: 0.5th percentile 23).")
+    cross_site_run: Path | None = Field(None, description="A run of the same model trained for the cross-clinic "
+                                        "split: its test figures appear in the served model card.")
 
     # Demo: a run short enough to watch, on real data when there is some.
     demo_epochs: int = Field(8, ge=1)

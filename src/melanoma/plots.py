@@ -75,7 +75,7 @@ def roc_figure(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
     return save_figure(figure, path)
 
 
-def reliability_figure(bins: pd.DataFrame, ece: float, path: Path) -> Path:
+def reliability_figure(bins: pd.DataFrame, ece: float, path: Path, *, title: str | None = None) -> Path:
     """Accuracy against confidence per bin (``bins``: low, high, count, confidence, accuracy),
     with the diagonal of perfect calibration and the number of images per bin."""
     figure = _new_figure((6, 6.5))
@@ -87,7 +87,7 @@ def reliability_figure(bins: pd.DataFrame, ece: float, path: Path) -> Path:
     top.plot(bins["confidence"], bins["accuracy"], "o", color="darkred", label="mean confidence of the bin")
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
-    top.set_title(f"Reliability diagram (ECE {ece:.3f})")
+    top.set_title(f"Reliability diagram (ECE {ece:.3f}{', ' + title if title else ''})")
     top.legend(loc="upper left", fontsize="small")
     bottom.bar(centres, bins["count"], width=width, edgecolor="black", color="grey")
     bottom.set_xlabel("confidence (highest probability)")

@@ -18,6 +18,10 @@ Where the archive says where each image comes from, the metrics are also broken 
 source (clinic, data set), and the melanoma score is measured against the nevi alone, all
 of them and those confirmed by histopathology: the nevi atypical enough to be excised are
 what a model trained on one clinic confuses with melanoma in another.
+
+Probabilities are temperature-scaled with the run's fitted temperature (see
+:mod:`.calibration`) unless calibration is switched off; the report gives ECE, Brier score
+and NLL before and after, with a reliability diagram of each.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from sklearn.metrics import (
 
 from melanoma.config import ISIC2019_CLASSES, MELANOMA_LABELS, NEVUS_LABELS
 from melanoma.errors import ModelError
+from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.cards import fmt, fmt_ci, train_command, write_model_card
 from melanoma.modeling.runs import METRICS_FILE, read_run, write_json
 
@@ -179,6 +184,16 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float((table["count"] * (table["accuracy"] - table["confidence"]).abs()).sum() / len(labels))
 
 
+def calibration_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """ECE, multiclass Brier score and NLL (log loss)."""
+    num_classes = probabilities.shape[1]
+    return {
+        "ece": expected_calibration_error(labels, probabilities),
+        "brier": float(brier_score_loss(labels, probabilities, labels=range(num_classes))),
+        "nll": float(log_loss(labels, probabilities, labels=range(num_classes))),
+    }
+
+
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """BMA, accuracy, per-class recall/precision/AUC/partial AUC, macro AUC, confusion matrix,
     ECE and Brier score."""
@@ -206,9 +221,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
         "ties": int((predicted == TIE).sum()),  # images left out of the confusion matrix
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(labels, predicted, labels=range(num_classes)).tolist(),
-        "ece": expected_calibration_error(labels, probabilities),
-        "brier": float(brier_score_loss(labels, probabilities, labels=range(num_classes))),
-        "log_loss": float(log_loss(labels, probabilities, labels=range(num_classes))),
+        **{("log_loss" if name == "nll" else name): value for name, value in calibration_scores(labels, probabilities).items()},
     }
 
 
@@ -401,31 +414,41 @@ def predict_rows(model: Any, archive: Archive, rows: np.ndarray, batch_size: int
 
 
 def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target_sensitivity: float,
-                 bootstrap_samples: int, seed: int, tta: bool = False) -> dict[str, Any]:
+                 bootstrap_samples: int, seed: int, tta: bool = False, calibration: bool = True) -> dict[str, Any]:
     """Evaluate a run's best model on ``split``: write ``metrics.json``, ``figures/*.png``,
     ``report.md`` and ``predictions_<split>.csv`` into the run folder; return the metrics.
-    ``tta`` averages every prediction, validation ones included, over 8 flips/rotations."""
+    ``tta`` averages every prediction, validation ones included, over 8 flips/rotations.
+    ``calibration`` applies the run's temperature (where fitted) to every probability."""
     import keras
 
     from melanoma import plots
 
     run = read_run(run_dir)
-    _check_archive(run.meta, archive)
+    check_archive(run.meta, archive)
     rows, val_rows = archive.indices(split), archive.indices("val")
     if len(rows) == 0:
         raise ModelError(f"The archive {archive.path} has no images in its {split!r} split.")
     model = keras.models.load_model(run.model_path, compile=False)
-    probabilities = predict_rows(model, archive, rows, tta=tta)
+    temperature = run.temperature if calibration else 1.0
+
+    def predict(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raw = predict_rows(model, archive, rows, tta=tta)
+        return normalised(temperature_scale(raw, temperature)), raw
+
+    probabilities, uncalibrated = predict(rows)
     labels = archive.labels[rows]
     classes = run.classes
     mel_index = melanoma_index(classes)
 
     metrics: dict[str, Any] = {"split": split, "n_images": int(len(rows)), "run_id": run.run_id,
                                "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
-                               "tta": tta}
+                               "tta": tta, "temperature": temperature}
     metrics.update(classification_metrics(labels, probabilities, classes))
+    metrics["calibration"] = {"temperature": temperature, "fitted_temperature": run.temperature,
+                              "before": calibration_scores(labels, uncalibrated),
+                              "after": calibration_scores(labels, probabilities)}
     if mel_index is not None:
-        val_probabilities = probabilities if split == "val" else predict_rows(model, archive, val_rows, tta=tta)
+        val_probabilities = probabilities if split == "val" else predict(val_rows)[0]
         metrics["melanoma"] = {"class": classes[mel_index], **melanoma_metrics(
             labels, probabilities, archive.labels[val_rows], val_probabilities, mel_index, target_sensitivity)}
     groups = archive.manifest["group_id"].to_numpy()[rows]
@@ -442,8 +465,13 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
         "roc": plots.roc_figure(labels, probabilities, classes, figures / f"roc_{split}.png", highlight=mel_index,
                                 operating_point=_operating_point(metrics)),
         "reliability": plots.reliability_figure(reliability_bins(labels, probabilities), metrics["ece"],
-                                                figures / f"reliability_{split}.png"),
+                                                figures / f"reliability_{split}.png",
+                                                title=f"temperature {temperature:.3g}" if temperature != 1 else None),
     }
+    if temperature != 1:
+        metrics["figures"]["reliability_uncalibrated"] = plots.reliability_figure(
+            reliability_bins(labels, uncalibrated), metrics["calibration"]["before"]["ece"],
+            figures / f"reliability_{split}_uncalibrated.png", title="uncalibrated")
     metrics["figures"] = {name: str(path.relative_to(run_dir)) for name, path in metrics["figures"].items()}
     predictions = submission_table(archive.manifest["image_id"].to_numpy()[rows].tolist(), probabilities, classes)
     metrics["predictions"] = f"predictions_{split}.csv"
@@ -496,6 +524,22 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         f"| Brier score (multiclass, 0..2) | {fmt(metrics['brier'])} | |",
         f"| log loss | {fmt(metrics['log_loss'])} | |",
     ]
+    calibration = metrics.get("calibration")
+    if calibration:
+        before, after = calibration["before"], calibration["after"]
+        applied = (f"temperature {calibration['temperature']:.3f}, fitted on the validation split by NLL"
+                   if calibration["temperature"] != 1 else
+                   "none applied" + (" (calibration switched off)" if calibration["fitted_temperature"] != 1
+                                     else " (the run has no fitted temperature: `melanoma calibrate`)"))
+        lines += [
+            "",
+            f"## Calibration ({applied})",
+            "",
+            "| | ECE | Brier | NLL |",
+            "|---|---|---|---|",
+            f"| uncalibrated | {fmt(before['ece'])} | {fmt(before['brier'])} | {fmt(before['nll'])} |",
+            f"| as reported | {fmt(after['ece'])} | {fmt(after['brier'])} | {fmt(after['nll'])} |",
+        ]
     if melanoma:
         lines += [
             "",
@@ -556,7 +600,7 @@ def _model_summary(meta: dict[str, Any]) -> str:
             f"{meta.get('epochs_done')} epoch(s) (best: epoch {best.get('epoch')}, val BMA {fmt(best.get('val_bma'))})")
 
 
-def _check_archive(meta: dict[str, Any], archive: Archive) -> None:
+def check_archive(meta: dict[str, Any], archive: Archive) -> None:
     recorded = (meta.get("archive") or {}).get("sha256")
     if recorded and recorded != archive.header.get("sha256"):
         raise ModelError(f"The archive {archive.path} is not the one run {meta.get('run_id')} was trained on "

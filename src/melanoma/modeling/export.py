@@ -5,6 +5,8 @@ The file describes itself in its ``metadata_props`` (ONNX Runtime:
 ``session.get_modelmeta().custom_metadata_map``): class order, input size, layout, value
 range and normalisation, and the preprocessing that made the training images, so that it
 can be used without this project (docs/architecture.md lists the keys).
+The exported graph has two outputs, the probabilities and the pooled features, so that the
+ONNX engine scores images with the run's out-of-distribution gate as the Keras one does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from melanoma.data.card import preprocessing_text
 from melanoma.errors import MelanomaError, ModelError
-from melanoma.modeling.predict import ONNX_FILE, load_keras_model
+from melanoma.modeling.predict import ONNX_FILE, load_keras_model, with_features
 from melanoma.modeling.runs import RunInfo, read_run
 from melanoma.provenance import git_state
 
@@ -32,7 +34,7 @@ def export_model(run_dir: Path, export_format: str = "onnx") -> Path:
     if export_format not in EXPORT_FORMATS:
         raise MelanomaError(f"Unknown export format {export_format!r}: choose one of {', '.join(EXPORT_FORMATS)}.")
     run = read_run(run_dir)
-    model = load_keras_model(run.model_path)
+    model = with_features(load_keras_model(run.model_path))
     model(np.zeros((1, run.image_size, run.image_size, 3), np.float32))  # export needs a built call graph
     target = run.path / ONNX_FILE
     # Keras writes the file itself (via tf2onnx), so export into a scratch folder beside the

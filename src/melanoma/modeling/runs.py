@@ -36,6 +36,11 @@ class RunInfo:
     def status(self) -> str:
         return str(self.meta.get("status", "unknown"))
 
+    @property
+    def temperature(self) -> float:
+        """The temperature fitted on validation (``melanoma calibrate``); 1 where there is none."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically, so that a crash never leaves a half-written file."""

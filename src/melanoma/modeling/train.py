@@ -19,6 +19,8 @@ in docs/architecture.md). The pieces, in the order of an epoch:
   layers stay frozen and in inference mode) at a tenth of the learning rate.
 - The learning rate follows a cosine decay over the run; with a time limit, over whichever
   of the epochs or the time runs out first.
+- At the end of a completed run, :func:`melanoma.modeling.reliability.fit_reliability`
+  fits the temperature (calibration) and the out-of-distribution gate of ``model.keras``.
 - ``--resume`` loads ``last.keras`` (weights and optimizer state) and continues the epoch
   count, the CSV history and the time budget; early stopping's patience restarts from the
   resumed epoch.
@@ -50,6 +52,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from melanoma.config import DEFAULT_OOD_FLAG_FRACTION
 from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
 from melanoma.modeling.cards import write_model_card
@@ -360,6 +363,7 @@ def train(
     settings_dump: dict[str, Any] | None = None,
     progress: bool = True,
     console: Console | None = None,
+    ood_flag_fraction: float = DEFAULT_OOD_FLAG_FRACTION,
 ) -> TrainResult:
     """Train ``model_name`` on ``archive``'s train split, validating on its val split.
 
@@ -370,7 +374,9 @@ def train(
     ``freeze_epochs`` applies to pretrained backbones only (``weights`` not "none"): their
     head trains alone for that many epochs at ``learning_rate``, then the whole network at a
     tenth of it (also from the start when ``freeze_epochs`` is 0). Ctrl-C saves ``last.keras``,
-    marks the run "interrupted" and returns (status "interrupted").
+    marks the run "interrupted" and returns (status "interrupted"). A completed run then gets
+    its temperature and out-of-distribution gate (``ood_flag_fraction`` of the validation
+    images flagged).
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
@@ -459,6 +465,11 @@ def train(
         return _result(run_dir, meta, "interrupt", time.monotonic() - started)
     meta.update(status=COMPLETE, stopped_by=stopped_by, finished=_now())
     write_json(run_dir / RUN_FILE, meta)
+    from melanoma.modeling.reliability import fit_reliability  # it reads the finished model.keras
+
+    if progress:
+        console.print("Fitting the temperature and the out-of-distribution gate ...")
+    fit_reliability(run_dir, archive, flag_fraction=ood_flag_fraction)
     write_model_card(run_dir, archive.header)
     return _result(run_dir, meta, stopped_by, time.monotonic() - started)
 

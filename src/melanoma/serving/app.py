@@ -136,18 +136,21 @@ async def predict(
     files: Annotated[list[UploadFile], File(description=f"One or more images: {', '.join(ACCEPTED_TYPES)}.")],
     service: ReadyService,
 ) -> PredictResponse:
-    """Class probabilities, top class, melanoma probability and the run's operating-point
-    decision for each uploaded image."""
+    """Class probabilities (calibrated), top class, melanoma probability and the run's
+    operating-point decision for each uploaded image, with its out-of-distribution score
+    (``in_distribution``: false when it does not look like the training images) and
+    input-quality warnings."""
     uploads = await read_uploads(request, files)
     timeout = service.settings.predict_timeout_seconds
     try:
         with anyio.fail_after(timeout):
-            probabilities = await service.predict(await service.decode(uploads))
+            images = await service.decode(uploads)
+            batch = await service.predict(images)
     except TimeoutError:
         raise HTTPException(504, f"The prediction took longer than predict_timeout_seconds={timeout:g} s.") from None
     return PredictResponse(
         run_id=service.run_id,
-        predictions=[service.describe(upload, p) for upload, p in zip(uploads, probabilities)],
+        predictions=[service.describe(upload, batch[i : i + 1], images[i]) for i, upload in enumerate(uploads)],
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import queue
 import threading
 import time
@@ -27,8 +28,9 @@ import anyio
 import numpy as np
 from pydantic import BaseModel, Field
 
-from melanoma.config import MELANOMA_LABELS, Settings
+from melanoma.config import CLASS_NAMES, MELANOMA_LABELS, Settings
 from melanoma.data.preprocess import load_image
+from melanoma.data.quality import QualityLimits, quality_warnings, source_size
 from melanoma.errors import ImageError, ModelError
 from melanoma.serving.limits import Gate, Upload, UploadRejected, check_upload, check_uploads
 from melanoma.serving.metrics import ServiceMetrics
@@ -43,14 +45,41 @@ DECODE_RETRY_AFTER_SECONDS = 1
 EXPLAIN_RETRY_AFTER_SECONDS = 5
 
 
+def class_name(code: str) -> str:
+    """A class code in words, with the code: "Melanoma (mel)"; the code alone where unknown."""
+    name = CLASS_NAMES.get(code.lower())
+    return f"{name} ({code})" if name else code
+
+
+class InputWarning(BaseModel):
+    """An input-quality problem found before the model ran."""
+
+    code: Literal["too_small", "near_blank", "blurred", "extreme_aspect_ratio"]
+    message: str
+
+
 class ImagePrediction(BaseModel):
     """The model's answer for one image."""
 
     file: str = Field(description="The uploaded file's name (as sent by the client).")
     sha256: str = Field(description="SHA-256 of the uploaded bytes.")
-    probabilities: dict[str, float] = Field(description="Probability of each class, in the run's class order.")
+    probabilities: dict[str, float] = Field(
+        description="Probability of each class, in the run's class order (temperature-scaled when `temperature` is not 1)."
+    )
+    temperature: float = Field(description="The temperature applied to the model's probabilities (1: uncalibrated).")
     top_class: str
+    top_class_name: str = Field(description='The top class in words, e.g. "Melanoma (mel)".')
     top_probability: float
+    ood_score: float | None = Field(
+        description="Out-of-distribution score (cosine distance of the model's features to the k-th nearest training "
+        "image; None where the run has no gate)."
+    )
+    ood_threshold: float | None = Field(description="Scores above this are out of distribution.")
+    in_distribution: bool | None = Field(
+        description="False when the image does not look like the dermoscopic images the model was trained on: "
+        "its probabilities are then not to be trusted."
+    )
+    warnings: list[InputWarning] = Field(description="Input-quality warnings (checked before the model ran).")
     melanoma_probability: float | None = Field(
         description="Probability of the melanoma class (None if the run has none)."
     )
@@ -76,6 +105,11 @@ class ModelCard(BaseModel):
     melanoma_class: str | None
     operating_point: dict[str, Any] | None = Field(description="metrics.json `melanoma`: threshold, sensitivity ...")
     metrics: dict[str, Any] | None = Field(description="The run's metrics.json, if it has been evaluated.")
+    temperature: float = Field(description="The temperature applied to probabilities (1: uncalibrated).")
+    calibration: dict[str, Any] | None = Field(description="run.json `calibration`: the fitted temperature and its effect.")
+    ood: dict[str, Any] | None = Field(description="run.json `ood`: the out-of-distribution gate.")
+    cross_site_run_id: str | None = Field(None, description="The cross-clinic run of the same model, if configured.")
+    cross_site_metrics: dict[str, Any] | None = Field(None, description="Its metrics.json (test on another clinic).")
 
 
 @dataclass
@@ -180,7 +214,8 @@ class ModelService:
         self.metrics = metrics
         self._run_dir = run_dir
         self._predictor = predictor
-        self._batcher = MicroBatcher(lambda images: self.predictor.predict_arrays(images))
+        self._batcher = MicroBatcher(lambda images: self.predictor.analyse_arrays(images))
+        self._cross_site: Any = None  # RunInfo of settings.cross_site_run, read at start
         self._lime_lock = threading.Lock()
         self.decodes = Gate("image decode", settings.max_concurrent_decodes, DECODE_RETRY_AFTER_SECONDS)
         self.explanations = Gate("explanation", settings.max_concurrent_explanations, EXPLAIN_RETRY_AFTER_SECONDS)
@@ -192,7 +227,12 @@ class ModelService:
         if self._predictor is None:
             from melanoma.modeling.predict import Predictor
 
-            self._predictor = Predictor.from_run(self._run_dir, max_pixels=self.settings.serve_max_pixels)
+            self._predictor = Predictor.from_run(self._run_dir, max_pixels=self.settings.serve_max_pixels,
+                                                 calibration=self.settings.calibration)
+        if self.settings.cross_site_run is not None:
+            from melanoma.modeling.runs import read_run
+
+            self._cross_site = read_run(self.settings.cross_site_run)
         predictor = self._predictor
         # The first calls build compiled functions and import LIME's libraries (seconds):
         # pay for them now, not on a user's request. (Figures are drawn by matplotlib.)
@@ -258,17 +298,21 @@ class ModelService:
         except ImageError as exc:
             raise UploadRejected(422, "invalid_image", str(exc), upload.name) from None
 
-    async def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities (N, C), computed by the batcher without blocking the event loop."""
+    async def predict(self, images: np.ndarray) -> Any:
+        """The :class:`~melanoma.modeling.predict.Prediction` of images (N, S, S, 3), computed
+        by the batcher without blocking the event loop."""
         return await asyncio.wrap_future(self._batcher.submit(images))
 
-    def predict_blocking(self, images: np.ndarray) -> np.ndarray:
+    def predict_blocking(self, images: np.ndarray) -> Any:
         """The same, for callers in worker threads (the Gradio UI)."""
         return self._batcher.submit(images).result()
 
-    def describe(self, upload: Upload, probabilities: np.ndarray) -> ImagePrediction:
-        """One image's probabilities as the API reports them; counts its top class."""
+    def describe(self, upload: Upload, prediction: Any, image: np.ndarray) -> ImagePrediction:
+        """One image's prediction (a Prediction of length 1) and input-quality warnings
+        (from the upload's header and its model pixels ``image``) as the API reports
+        them; counts its top class."""
         classes = self.predictor.classes
+        probabilities = prediction.probabilities[0]
         top = int(np.argmax(probabilities))
         self.metrics.predictions.labels(classes[top]).inc()
         melanoma = self.melanoma_index()
@@ -277,12 +321,20 @@ class ModelService:
         decision = None
         if melanoma_probability is not None and threshold is not None:
             decision = "above_threshold" if melanoma_probability >= threshold else "below_threshold"
+        gate = self.predictor.ood_gate
+        limits = QualityLimits.from_settings(self.settings, self.predictor.image_size)
         return ImagePrediction(
             file=upload.name,
             sha256=upload.sha256,
             probabilities={name: float(p) for name, p in zip(classes, probabilities)},
+            temperature=self.predictor.temperature,
             top_class=classes[top],
+            top_class_name=class_name(classes[top]),
             top_probability=float(probabilities[top]),
+            ood_score=None if prediction.ood_score is None else float(prediction.ood_score[0]),
+            ood_threshold=None if gate is None else gate.threshold,
+            in_distribution=None if prediction.in_distribution is None else bool(prediction.in_distribution[0]),
+            warnings=[InputWarning(**w.to_dict()) for w in quality_warnings(source_size(upload.data), image, limits)],
             melanoma_probability=melanoma_probability,
             melanoma_threshold=threshold,
             melanoma_decision=decision,
@@ -293,9 +345,14 @@ class ModelService:
         return next((i for i, name in enumerate(classes) if name in MELANOMA_LABELS), None)
 
     def melanoma_threshold(self) -> float | None:
+        """The run's melanoma operating point, where it was chosen on probabilities of the
+        temperature served (a threshold on uncalibrated probabilities means nothing on
+        calibrated ones, and the reverse)."""
         metrics = self.predictor.run.metrics or {}
         threshold = (metrics.get("melanoma") or {}).get("threshold")
-        return None if threshold is None else float(threshold)
+        if threshold is None or not math.isclose(float(metrics.get("temperature", 1.0)), self.predictor.temperature):
+            return None
+        return float(threshold)
 
     # ------------------------------------------------------------------ model card
     def card(self) -> ModelCard:
@@ -315,6 +372,11 @@ class ModelService:
             melanoma_class=None if melanoma is None else predictor.classes[melanoma],
             operating_point=(metrics or {}).get("melanoma"),
             metrics=metrics,
+            temperature=predictor.temperature,
+            calibration=run.meta.get("calibration"),
+            ood=run.meta.get("ood"),
+            cross_site_run_id=None if self._cross_site is None else self._cross_site.run_id,
+            cross_site_metrics=None if self._cross_site is None else self._cross_site.metrics,
         )
 
     # ------------------------------------------------------------------ explanation

@@ -1,5 +1,7 @@
 """The Gradio playground mounted at ``/ui``: upload (or pick) a dermoscopic image, see the
-class probabilities, explain them with Grad-CAM or LIME, read the model card.
+calibrated class probabilities (or a warning when the image does not look like the
+training images, or is a poor input), explain them with Grad-CAM or LIME, read the model
+card.
 
 It only ever reads files uploaded to it (or its examples, which Gradio copies into the same
 upload folder): a request naming any other path on the server is refused. Uploads that
@@ -15,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -25,7 +27,7 @@ from melanoma.errors import MelanomaError
 from melanoma.serving.limits import Busy, Upload, UploadRejected, sniff_media_type
 from melanoma.serving.metrics import REQUEST_ID, access_log
 from melanoma.serving.responses import error_response
-from melanoma.serving.service import ImagePrediction, ModelCard, ModelService
+from melanoma.serving.service import ImagePrediction, ModelCard, ModelService, class_name
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -36,37 +38,94 @@ DISCLAIMER = (
     "dermoscopy data sets; they can be wrong, above all on images unlike its training data."
 )
 METHODS = {"Grad-CAM": "gradcam", "LIME": "lime"}
+OOD_WARNING = "This does not look like a dermoscopic image like those the model was trained on"
+OOD_LABEL = "Not recognised as a dermoscopic image"
+
+
+def label_value(prediction: ImagePrediction) -> dict[str, float] | str:
+    """What the label shows: the probabilities by full class name, or, when the
+    out-of-distribution gate fires, a refusal instead of a confident top class."""
+    if prediction.in_distribution is False:
+        return OOD_LABEL
+    return {class_name(code): p for code, p in prediction.probabilities.items()}
+
+
+def warnings_markdown(prediction: ImagePrediction) -> str:
+    """The out-of-distribution warning and the input-quality warnings, if any."""
+    lines = []
+    if prediction.in_distribution is False:
+        lines.append(f"⚠️ **{OOD_WARNING}** (out-of-distribution score {prediction.ood_score:.3g}, above the "
+                     f"threshold {prediction.ood_threshold:.3g}). The probabilities below are shown for the record: "
+                     "do not trust them.")
+    lines += [f"⚠️ **{w.code.replace('_', ' ').capitalize()}**: {w.message}" for w in prediction.warnings]
+    return "\n\n".join(lines)
+
+
+def probabilities_markdown(prediction: ImagePrediction) -> str:
+    ordered = sorted(prediction.probabilities.items(), key=lambda item: -item[1])
+    return "\n".join(["| class | probability |", "|---|---|"] + [f"| {class_name(c)} | {p:.3f} |" for c, p in ordered])
 
 
 def decision_markdown(prediction: ImagePrediction) -> str:
-    """The melanoma probability and where it stands against the run's operating point."""
+    """The melanoma probability and where it stands against the run's operating point; for
+    an out-of-distribution image, every probability as a table (nothing is hidden)."""
+    calibrated = " (calibrated)" if prediction.temperature != 1 else ""
     if prediction.melanoma_probability is None:
-        return "This model has no melanoma class."
-    text = f"Melanoma probability **{prediction.melanoma_probability:.3f}**"
-    if prediction.melanoma_threshold is None:
-        return text + " (the run has no evaluated operating point: run `melanoma evaluate`)."
-    side = "at or above" if prediction.melanoma_decision == "above_threshold" else "below"
-    return text + f": {side} the run's operating point ({prediction.melanoma_threshold:.3f})."
+        text = "This model has no melanoma class."
+    else:
+        text = f"Melanoma probability{calibrated} **{prediction.melanoma_probability:.3f}**"
+        if prediction.melanoma_threshold is None:
+            text += " (the run has no operating point evaluated for these probabilities: run `melanoma evaluate`)."
+        else:
+            side = "at or above" if prediction.melanoma_decision == "above_threshold" else "below"
+            text += f": {side} the run's operating point ({prediction.melanoma_threshold:.3f})."
+    if prediction.in_distribution is False:
+        text += "\n\n" + probabilities_markdown(prediction)
+    return text
+
+
+CARD_METRICS = (("balanced accuracy", ("bma",)), ("accuracy", ("accuracy",)), ("melanoma ROC AUC", ("melanoma", "auc")),
+                ("melanoma sensitivity", ("melanoma", "sensitivity")), ("melanoma specificity", ("melanoma", "specificity")),
+                ("expected calibration error", ("ece",)), ("Brier score", ("brier",)))
+
+
+def _metric(metrics: dict | None, path: tuple[str, ...]) -> str:
+    value: Any = metrics or {}
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return "–" if value is None else f"{value:.3f}"
 
 
 def card_markdown(card: ModelCard) -> str:
     lines = [
         f"**Run** `{card.run_id}` · model `{card.model}` · {card.image_size} px · trained {card.trained or 'unknown'}",
-        f"**Classes** {', '.join(card.classes)}",
+        f"**Classes** {', '.join(class_name(c) for c in card.classes)}",
         f"**Archive sha256** `{card.archive_sha256 or 'unknown'}`",
     ]
+    if card.calibration:
+        applied = "applied" if card.temperature != 1 else "not applied (calibration switched off)"
+        lines.append(f"**Calibration** temperature {card.calibration['temperature']:.3f}, fitted on the validation "
+                     f"split ({applied}): validation ECE {card.calibration['val_ece_before']:.3f} → "
+                     f"{card.calibration['val_ece_after']:.3f}")
+    if card.ood:
+        lines.append(f"**Out-of-distribution gate** cosine distance of the model's features to the training images, "
+                     f"threshold {card.ood['threshold']:.3g} (flags {card.ood['flag_fraction']:.0%} of validation images)")
     metrics = card.metrics
     if not metrics:
         lines.append("**Test metrics** none: this run has not been evaluated (`melanoma evaluate`).")
         return "\n\n".join(lines)
-    summary = [f"balanced accuracy {metrics['bma']:.3f}"] if "bma" in metrics else []
-    summary += [f"accuracy {metrics['accuracy']:.3f}"] if "accuracy" in metrics else []
+    columns = [f"this run's {metrics.get('split', 'test')} split (in distribution)"]
+    if card.cross_site_metrics:
+        columns.append(f"another clinic (run `{card.cross_site_run_id}`)")
+    table = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, path in CARD_METRICS:
+        values = [_metric(metrics, path)] + ([_metric(card.cross_site_metrics, path)] if card.cross_site_metrics else [])
+        table.append(f"| {name} | " + " | ".join(values) + " |")
+    lines.append("**Test metrics**\n\n" + "\n".join(table))
     operating = card.operating_point or {}
-    summary += [f"melanoma AUC {operating['auc']:.3f}"] if "auc" in operating else []
-    lines.append(f"**Test metrics** ({metrics.get('split', 'test')} split): {', '.join(summary)}")
     if "threshold" in operating:
-        at = ", ".join(f"{k} {operating[k]:.3f}" for k in ("sensitivity", "specificity") if k in operating)
-        lines.append(f"**Melanoma operating point** threshold {operating['threshold']:.3f} ({at})")
+        lines.append(f"**Melanoma operating point** threshold {operating['threshold']:.3f}, chosen on the validation "
+                     f"split for sensitivity {operating.get('target_sensitivity', 0):.3f}")
     return "\n\n".join(lines)
 
 
@@ -143,14 +202,14 @@ def build_ui(service: ModelService, *, examples: Sequence[Path], lime_max_sample
         except Busy as exc:
             raise gr.Error(str(exc)) from None
 
-    def classify(path: str | None) -> tuple[dict[str, float] | None, str]:
+    def classify(path: str | None) -> tuple[dict[str, float] | str | None, str, str]:
         if path is None:
-            return None, ""
+            return None, "", ""
         start = time.perf_counter()
         upload, image = prepare(path)
-        prediction = service.describe(upload, service.predict_blocking(image[None])[0])
+        prediction = service.describe(upload, service.predict_blocking(image[None]), image)
         log_request("ui:classify", upload, start)
-        return prediction.probabilities, decision_markdown(prediction)
+        return label_value(prediction), decision_markdown(prediction), warnings_markdown(prediction)
 
     def explain(path: str | None, method: str, samples: float) -> tuple[Image.Image, str]:
         if path is None:
@@ -187,13 +246,14 @@ def build_ui(service: ModelService, *, examples: Sequence[Path], lime_max_sample
                                     label="LIME samples (fewer: faster, less steady)")
                 explain_button = gr.Button("Explain", variant="primary")
             with gr.Column():
+                warning = gr.Markdown(elem_id="warnings")
                 probabilities = gr.Label(label="Class probabilities", elem_id="probabilities")
                 decision = gr.Markdown(elem_id="decision")
                 overlay = gr.Image(label="Explanation", type="pil", interactive=False, elem_id="overlay")
                 overlay_note = gr.Markdown()
         with gr.Accordion("Model card", open=False):
             card = gr.Markdown()
-        image.change(classify, inputs=image, outputs=[probabilities, decision], concurrency_limit=None)
+        image.change(classify, inputs=image, outputs=[probabilities, decision, warning], concurrency_limit=None)
         explain_button.click(explain, inputs=[image, method, samples], outputs=[overlay, overlay_note])
         ui.load(lambda: card_markdown(service.card()), outputs=card)
     return ui
