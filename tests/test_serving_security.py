@@ -174,8 +174,8 @@ def test_a_client_stalling_in_its_headers_or_idle_is_cut_off(server: LiveServer)
 
 
 def test_a_client_stalling_in_its_body_gets_a_408(server: LiveServer) -> None:
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-            f"Content-Length: 100000\r\n\r\n").encode()
+    head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 100000\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(head + b"--x\r\n")
         response = b""
