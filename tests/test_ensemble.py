@@ -149,7 +149,7 @@ def served(ensemble_run: Path) -> Iterator:
     from melanoma.config import Settings
     from melanoma.serving.app import create_app
 
-    with TestClient(create_app(Settings(), run_dir=ensemble_run, examples=[])) as client:
+    with TestClient(create_app(Settings(), run_dir=ensemble_run, examples=[]), base_url="http://127.0.0.1") as client:
         yield client
 
 

@@ -17,7 +17,7 @@ from melanoma.errors import ModelError
 from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.evaluate import predict_rows
 from melanoma.modeling.models import small_cnn
-from melanoma.modeling.train import ArchiveFeed, EpochReport, class_weights, train, training_model
+from melanoma.modeling.train import ArchiveFeed, EpochReport, RandomVignette, class_weights, train, training_model
 
 RUN_FILES = {"run.json", "model.keras", "last.keras", "config.json", "split.csv", "history.csv", "versions.json"}
 
@@ -183,3 +183,15 @@ def test_extra_augmentation_shifts_colour_and_survives_a_checkpoint(tmp_path: Pa
     reloaded = keras.models.load_model(tmp_path / "last.keras")
     assert [layer.__class__.__name__ for layer in reloaded.layers[0].layers] == [
         layer.__class__.__name__ for layer in trainer.layers[0].layers]
+
+
+def test_vignette_augmentation_blackens_corners_only() -> None:
+    bright = np.full((32, 48, 48, 3), 200, np.float32)
+    layer = RandomVignette(0.5, seed=0)
+    out = keras.ops.convert_to_numpy(layer(bright, training=True))
+    corners = out[:, [0, 0, -1, -1], [0, -1, 0, -1]].mean(axis=(1, 2))
+    assert np.allclose(out[:, 24, 24], 200, atol=1)  # the centre is never touched
+    vignetted = corners < 199
+    assert 8 <= vignetted.sum() <= 24 and np.allclose(corners[~vignetted], 200)  # about half the images
+    assert (corners < 5).sum() >= 4  # most circles are smaller than the square: black corners
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(bright, training=False)), bright)

@@ -518,6 +518,7 @@ def train_command(
     class_balance: Annotated[Optional[ClassBalanceChoice], typer.Option(help="weights (inverse frequency), sampling (balanced batches) or none.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
     extra_augment: Annotated[Optional[bool], typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
+    vignette_augment: Annotated[Optional[bool], typer.Option("--vignette-augment/--no-vignette-augment", help="Also blacken the corners of half the training images, as many dermatoscopes do.")] = None,
     time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Stop training after this many minutes.")] = None,
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Pretrained backbones: epochs that train the new head only.")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run.")] = None,
@@ -535,7 +536,8 @@ def train_command(
 
     settings = settings_for(
         ctx, archive_dir=archive, model=model, weights=weights, epochs=epochs, batch_size=batch_size, learning_rate=lr,
-        seed=seed, class_balance=class_balance, augment=augment, extra_augment=extra_augment, time_limit_minutes=time_limit,
+        seed=seed, class_balance=class_balance, augment=augment, extra_augment=extra_augment,
+        vignette_augment=vignette_augment, time_limit_minutes=time_limit,
         freeze_epochs=freeze_epochs, tensorboard=tensorboard,
     )
     if resume:
@@ -554,6 +556,7 @@ def train_command(
         opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
         batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
         class_balance=settings.class_balance, augment=settings.augment, extra_augment=settings.extra_augment,
+        vignette_augment=settings.vignette_augment,
         early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
         freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
         weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     class_balance: ClassBalanceChoice = "weights"
     augment: bool = True
     extra_augment: bool = Field(False, description="Also jitter aspect ratio, hue, saturation and illuminant.")
+    vignette_augment: bool = Field(False, description="Also blacken the corners of half the training images "
+                                   "(the dark circular border of many dermatoscopes).")
     early_stopping_patience: int = Field(8, ge=1)
     time_limit_minutes: float | None = Field(None, gt=0, description="Stop training after this many minutes.")
     freeze_epochs: int = Field(2, ge=0, description="Pretrained backbones: epochs that train the new head only.")

@@ -53,6 +53,7 @@ def train_command(meta: dict[str, Any], archive_path: Path | str) -> str:
         f"--seed {training.get('seed')} --class-balance {training.get('class_balance')}"
         f"{'' if training.get('augment', True) else ' --no-augment'}"
         f"{' --extra-augment' if training.get('extra_augment') else ''}"
+        f"{' --vignette-augment' if training.get('vignette_augment') else ''}"
         f"{' --time-limit ' + str(training.get('time_limit_minutes')) if training.get('time_limit_minutes') else ''}"
         f"{' --freeze-epochs ' + str(training.get('freeze_epochs')) if training.get('freeze_epochs') else ''}"
     )

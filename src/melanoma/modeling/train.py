@@ -130,12 +130,14 @@ class ArchiveFeed(keras.utils.PyDataset):
         self.order = self._epoch_order()
 
 
-def augmentation(seed: int, extra: bool = False) -> keras.Sequential:
+def augmentation(seed: int, extra: bool = False, vignette: bool = False) -> keras.Sequential:
     """Random flips, rotations, zoom, brightness and contrast, for 0..255 images.
 
     Dermoscopic lesions have no natural orientation, hence flips both ways and any angle.
     ``extra`` adds what differs between clinics: aspect ratio (zoom per axis; some
     publishers squash images), hue, saturation and the illuminant (a random gain per channel).
+    ``vignette`` darkens the corners of half the images, as many dermatoscopes do (the ISIC
+    Archive's images have dark circular borders that HAM10000's lack).
     """
     from keras import layers
 
@@ -153,7 +155,37 @@ def augmentation(seed: int, extra: bool = False) -> keras.Sequential:
             layers.RandomSaturation((0.35, 0.65), value_range=(0, 255), seed=seed + 6),
             RandomIlluminant(0.1, seed=seed + 7),
         ]
+    if vignette:
+        stages.append(RandomVignette(0.5, seed=seed + 8))
     return keras.Sequential(stages, name="augmentation")
+
+
+@keras.saving.register_keras_serializable(package="melanoma")
+class RandomVignette(keras.layers.Layer):
+    """Blackens, in a share ``probability`` of the training images, everything outside a
+    centred circle whose radius is drawn between 0.45 and 0.72 of the side (0.71 reaches the
+    corners), with a soft edge: the dark circular border of many dermatoscopes."""
+
+    def __init__(self, probability: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.probability, self.seed = probability, seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        ops = keras.ops
+        shape = ops.shape(images)
+        ys = (ops.arange(shape[1], dtype="float32") + 0.5) / ops.cast(shape[1], "float32") - 0.5
+        xs = (ops.arange(shape[2], dtype="float32") + 0.5) / ops.cast(shape[2], "float32") - 0.5
+        distance = ops.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)[None, :, :, None]
+        radius = keras.random.uniform((shape[0], 1, 1, 1), 0.45, 0.72, seed=self.generator)
+        inside = ops.sigmoid((radius - distance) / 0.02)
+        applied = ops.cast(keras.random.uniform((shape[0], 1, 1, 1), seed=self.generator) < self.probability, "float32")
+        return images * (1 - applied * (1 - inside))
+
+    def get_config(self):
+        return {**super().get_config(), "probability": self.probability, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="melanoma")
@@ -354,6 +386,7 @@ def train(
     class_balance: ClassBalance = "weights",
     augment: bool = True,
     extra_augment: bool = False,
+    vignette_augment: bool = False,
     early_stopping_patience: int = 8,
     time_limit_minutes: float | None = None,
     freeze_epochs: int = 0,
@@ -397,7 +430,7 @@ def train(
         options = {
             "model": model_name, "weights": str(weights), "epochs": epochs, "batch_size": batch_size,
             "learning_rate": learning_rate, "seed": seed, "class_balance": class_balance, "augment": augment,
-            "extra_augment": extra_augment and augment,
+            "extra_augment": extra_augment and augment, "vignette_augment": vignette_augment and augment,
             "early_stopping_patience": early_stopping_patience, "time_limit_minutes": time_limit_minutes,
             "freeze_epochs": freeze_epochs if is_pretrainable(model_name) and str(weights) != "none" else 0,
             "tensorboard": tensorboard,
@@ -407,7 +440,8 @@ def train(
         # Built before the run folder exists, so that a bad model name or weights file leaves nothing behind.
         classifier = build_model(model_name, num_classes=len(archive.classes), image_size=archive.images.shape[1],
                                  weights=weights, weights_dir=weights_dir)
-        trainer = training_model(classifier, augment, seed, extra=options["extra_augment"])
+        trainer = training_model(classifier, augment, seed, extra=options["extra_augment"],
+                                 vignette=options["vignette_augment"])
         meta = _start_run(run_dir, archive, options, settings_dump or {})
     first_epoch = int(meta["epochs_done"])
     num_classes = len(archive.classes)
@@ -508,9 +542,10 @@ def _phases(options: dict[str, Any], first_epoch: int) -> list[_Phase]:
     return [phase for phase in phases if phase.end > max(phase.start, first_epoch)]
 
 
-def training_model(classifier: keras.Model, augment: bool, seed: int, *, extra: bool = False) -> keras.Sequential:
+def training_model(classifier: keras.Model, augment: bool, seed: int, *, extra: bool = False,
+                   vignette: bool = False) -> keras.Sequential:
     """The model that is fitted: augmentation (if any) then the classifier, sharing its weights."""
-    stages = [augmentation(seed, extra)] if augment else []
+    stages = [augmentation(seed, extra, vignette)] if augment else []
     return keras.Sequential([keras.Input(shape=classifier.input_shape[1:], name="image"), *stages, classifier],
                             name="trainer")
 
