@@ -14,6 +14,7 @@ import pytest
 
 from melanoma.modeling.ensemble import make_ensemble
 from melanoma.modeling.predict import Predictor
+from melanoma.modeling.runs import read_run
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -31,7 +32,8 @@ def tempered_member(trained_run_seed1: Path, tmp_path_factory: pytest.TempPathFa
     """The seed-1 run with a temperature of 2 in its run.json, as calibration would leave it."""
     run = tmp_path_factory.mktemp("tempered") / "cnn-seed1-t2"
     shutil.copytree(trained_run_seed1, run)
-    edit_run_json(run, temperature=TEMPERATURE)
+    calibration = json.loads((run / "run.json").read_text()).get("calibration") or {}
+    edit_run_json(run, calibration={**calibration, "temperature": TEMPERATURE})
     return run
 
 
@@ -63,17 +65,18 @@ def softmax_with_temperature(probabilities: np.ndarray, temperature: float) -> n
 def test_ensemble_averages_its_members_after_their_temperature(ensemble_run: Path, ensemble_predictor: Predictor,
                                                                predictor: Predictor, tempered_member: Path,
                                                                test_images: np.ndarray) -> None:
-    tempered = Predictor.from_run(tempered_member)
-    expected = (predictor.predict_arrays(test_images)
-                + softmax_with_temperature(tempered.predict_arrays(test_images), TEMPERATURE)) / 2
+    first_temperature = read_run(predictor.run.path).temperature  # fitted at the end of training
+    raw = [Predictor.from_run(run, calibration=False).predict_arrays(test_images)
+           for run in (predictor.run.path, tempered_member)]
+    tempered = softmax_with_temperature(raw[1], TEMPERATURE)
+    expected = (softmax_with_temperature(raw[0], first_temperature) + tempered) / 2
     np.testing.assert_allclose(ensemble_predictor.predict_arrays(test_images), expected, atol=1e-5)
     # The temperature changed the member's probabilities, so the check above means something.
-    assert np.abs(softmax_with_temperature(tempered.predict_arrays(test_images), TEMPERATURE)
-                  - tempered.predict_arrays(test_images)).max() > 0.01
+    assert np.abs(tempered - raw[1]).max() > 0.01
 
     meta = json.loads((ensemble_run / "run.json").read_text())
     assert meta["model"] == "ensemble" and meta["status"] == "complete"
-    assert [m["temperature"] for m in meta["ensemble"]["members"]] == [1.0, TEMPERATURE]
+    assert [m["temperature"] for m in meta["ensemble"]["members"]] == pytest.approx([first_temperature, TEMPERATURE])
     assert [m["seed"] for m in meta["ensemble"]["members"]] == [0, 1]
     assert meta["classes"] == predictor.classes and meta["image_size"] == 64
     assert sorted(p.name for p in ensemble_run.iterdir()) == ["model.keras", "run.json", "split.csv"]
@@ -182,7 +185,7 @@ def test_cli_ensemble_takes_runs_after_the_option(cli, trained_run: Path, traine
     ({"classes": ["mel", "nv"]}, "have different classes"),
     ({"archive": {"path": "data/other", "sha256": "0" * 64}}, "were trained on different archives"),
     ({"model": "ensemble"}, "is itself an ensemble"),
-    ({"temperature": -1}, "temperature must be a positive number, got -1"),
+    ({"calibration": {"temperature": -1}}, "temperature must be a positive number, got -1"),
 ])
 def test_cli_ensemble_refuses_members_it_cannot_average(cli, trained_run: Path, trained_run_seed1: Path,
                                                         tmp_path: Path, change: dict, message: str) -> None:

@@ -74,7 +74,14 @@ def test_onnx_file_describes_itself_to_onnx_runtime_alone(trained_run: Path, sma
     probabilities = session.run(None, {model_input.name: images})[0]
     assert probabilities.shape == (8, len(classes))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    np.testing.assert_allclose(probabilities, Predictor.from_run(run).predict_arrays(images.astype(np.uint8)), atol=1e-4)
+    raw = Predictor.from_run(run, calibration=False).predict_arrays(images.astype(np.uint8))
+    np.testing.assert_allclose(probabilities, raw, atol=1e-4)
+    # The temperature in the metadata turns the output into the calibrated probabilities.
+    temperature = float(metadata["temperature"])
+    assert temperature == json.loads((run / "run.json").read_text())["calibration"]["temperature"]
+    scaled = np.exp(np.log(probabilities.astype(np.float64)) / temperature)
+    np.testing.assert_allclose(scaled / scaled.sum(axis=1, keepdims=True),
+                               Predictor.from_run(run).predict_arrays(images.astype(np.uint8)), atol=1e-4)
 
 
 def test_unknown_export_format(cli, trained_run: Path) -> None:

@@ -43,8 +43,8 @@ COMBINE = "mean of the members' probabilities, each after its own temperature"
 
 
 def member_temperature(run: RunInfo) -> float:
-    """The run's temperature (``run.json`` ``temperature``), 1.0 where it has none."""
-    value = run.meta.get("temperature")
+    """The run's fitted temperature (``run.json`` ``calibration.temperature``), 1.0 where it has none."""
+    value = (run.meta.get("calibration") or {}).get("temperature")
     if value is None:
         return 1.0
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:

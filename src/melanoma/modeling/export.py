@@ -68,6 +68,8 @@ def onnx_metadata(run: RunInfo) -> dict[str, str]:
         "normalization": "none outside the model: feed RGB pixel values 0..255 as float32; the model "
                          "rescales and normalises them itself",
         "output": "float32 (N, classes): softmax probabilities in the order of 'classes'",
+        "temperature": repr(run.temperature),
+        "calibration": "calibrated probabilities = softmax(log(output) / temperature); temperature 1 means uncalibrated",
         "preprocess": json.dumps(run.preprocess.to_dict()),
         "preprocess_summary": preprocessing_text(run.preprocess.to_dict()),
         "model": str(run.meta.get("model")),
