@@ -284,7 +284,8 @@ def predict(
     max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Classify images with a trained run. Unreadable files are reported and skipped."""
-    from melanoma.modeling.predict import Predictor, predictions_text, write_text
+    from melanoma.files import write_text
+    from melanoma.modeling.predict import Predictor, predictions_text
 
     settings = settings_for(ctx, max_pixels=max_pixels)
     fmt = fmt or ("json" if out_file and out_file.suffix == ".json" else "csv" if out_file else "table")

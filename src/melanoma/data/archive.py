@@ -41,7 +41,7 @@ from melanoma.data.preprocess import PreprocessParams, load_image
 from melanoma.data.sources import MANIFEST_COLUMNS, Dataset
 from melanoma.data.splits import SPLITS, grouped_split, split_by_condition
 from melanoma.errors import DataError, ImageError, MelanomaError
-from melanoma.modeling.runs import write_json
+from melanoma.files import write_json
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"

@@ -14,7 +14,6 @@ so that the reported sensitivity and specificity are honest estimates.
 from __future__ import annotations
 
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,8 @@ from sklearn.metrics import (
 
 from melanoma.config import ISIC2019_CLASSES, MELANOMA_LABELS
 from melanoma.errors import ModelError
-from melanoma.modeling.runs import METRICS_FILE, read_run, write_json
+from melanoma.files import write_json, write_text
+from melanoma.modeling.runs import METRICS_FILE, read_run
 
 if TYPE_CHECKING:
     from melanoma.data.archive import Archive
@@ -293,7 +293,7 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     _write_csv(predictions, run_dir / metrics["predictions"])
     metrics = _json_safe(metrics)
     write_json(run_dir / METRICS_FILE, metrics)
-    _write_text(run_dir / REPORT_FILE, render_report(run.meta, metrics, archive, run_dir))
+    write_text(run_dir / REPORT_FILE, render_report(run.meta, metrics, archive, run_dir))
     return metrics
 
 
@@ -419,13 +419,5 @@ def _fmt_ci(interval: list[float] | None) -> str:
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     # Every probability is written as a float ("0.0", not "0"), as the ISIC scorer requires.
-    table.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, table.to_csv(index=False, float_format="%.6f"))

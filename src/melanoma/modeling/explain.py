@@ -28,8 +28,8 @@ import numpy as np
 
 from melanoma.data.archive import read_rows
 from melanoma.errors import MelanomaError, ModelError
-from melanoma.modeling.predict import Predictor, write_text
-from melanoma.modeling.runs import write_json
+from melanoma.files import write_json, write_text
+from melanoma.modeling.predict import Predictor
 from melanoma.plots import save_figure
 
 if TYPE_CHECKING:

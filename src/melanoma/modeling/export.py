@@ -5,7 +5,6 @@ ONNX Runtime then serves it without TensorFlow (``Predictor.from_run(..., engine
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from melanoma.errors import MelanomaError, ModelError
+from melanoma.files import commit
 from melanoma.modeling.predict import ONNX_FILE, load_keras_model
 from melanoma.modeling.runs import read_run
 
@@ -39,7 +39,7 @@ def export_model(run_dir: Path, export_format: str = "onnx") -> Path:
                 model.export(str(partial), format="onnx", verbose=False)
         except Exception as exc:  # tf2onnx raises many types for unsupported operations
             raise ModelError(f"Model {run.model_path} cannot be exported to ONNX: {exc}") from None
-        os.replace(partial, target)
+        commit(partial, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -184,14 +183,6 @@ def _onnx_session(run: RunInfo) -> Callable[[np.ndarray], np.ndarray]:
     model_input = session.get_inputs()[0]
     _check_model_shape(run, path, model_input.shape, session.get_outputs()[0].shape)
     return lambda x: session.run(None, {model_input.name: x})[0]
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write a text file atomically (``name.tmp``, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def predictions_text(paths: Sequence[Path], probabilities: np.ndarray, classes: Sequence[str], fmt: str) -> str:

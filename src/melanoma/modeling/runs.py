@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,6 @@ class RunInfo:
     @property
     def status(self) -> str:
         return str(self.meta.get("status", "unknown"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically, so that a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:

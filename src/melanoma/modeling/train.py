@@ -36,7 +36,6 @@ the weights it had reached).
 from __future__ import annotations
 
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -52,9 +51,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
+from melanoma.files import commit, write_json, write_text
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
-from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, write_json
+from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"
@@ -296,10 +296,10 @@ class RunCheckpoint(keras.callbacks.Callback):
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename (atomic)."""
+    """``model.save`` to a temporary ``.keras`` file, then rename (atomic and durable)."""
     tmp = path.with_name(path.stem + ".partial.keras")
     model.save(tmp)
-    os.replace(tmp, path)
+    commit(tmp, path)
 
 
 # --------------------------------------------------------------------------- train
@@ -538,10 +538,7 @@ def _start_run(run_dir: Path, archive: Archive, options: dict[str, Any], setting
     }
     write_json(run_dir / CONFIG_FILE, settings_dump)
     write_json(run_dir / VERSIONS_FILE, _library_versions())
-    split = archive.manifest[["image_id", "split"]]
-    tmp = run_dir / (SPLIT_FILE + ".tmp")
-    split.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / SPLIT_FILE)
+    write_text(run_dir / SPLIT_FILE, archive.manifest[["image_id", "split"]].to_csv(index=False))
     write_json(run_dir / RUN_FILE, meta)
     return meta
 
