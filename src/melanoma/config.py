@@ -7,8 +7,11 @@ Only this module knows default values; only the CLI and the server's start-up ca
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,12 +23,26 @@ from melanoma.errors import MelanomaError
 # The ISIC 2019 task's class order; HAM10000's 7 classes map onto its first 7 + SCC.
 ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 MELANOMA_LABELS = ("MEL", "mel", "melanoma", "1")
+ENV_PREFIX = "MELANOMA_"
+# MELANOMA_* variables that are not settings: the --config file, the spec `serve` hands
+# its worker processes, the notebook's inputs and the tests' data folder.
+OTHER_ENV_VARIABLES = ("MELANOMA_CONFIG", "MELANOMA_SERVE_SPEC", "MELANOMA_NOTEBOOK_ARCHIVE", "MELANOMA_NOTEBOOK_RUN",
+                       "MELANOMA_SHARED_DATA")
+logger = logging.getLogger(__name__)
+
+
+MINUTES_PER_MONTH = 30 * 24 * 60
 
 
 class Settings(BaseSettings):
-    """Every tunable of the sandbox. Paths are relative to the working directory."""
+    """Every tunable of the sandbox. Paths are relative to the working directory.
 
-    model_config = SettingsConfigDict(env_prefix="MELANOMA_", extra="forbid", validate_assignment=True)
+    Numbers have upper bounds too: an absurd value (an upload limit of 100 GB, a timeout
+    of infinity) is a typo, and would only fail later, less clearly.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_assignment=True,
+                                      allow_inf_nan=False)
 
     # Folders
     data_dir: Path = Field(Path("data/raw"), description="Where raw data sets live (or are downloaded to).")
@@ -43,9 +60,9 @@ class Settings(BaseSettings):
     color_constancy: bool = Field(True, description="Shades of Gray colour constancy (p=6).")
     hair_removal: bool = Field(False, description="DullRazor-style hair removal (can erase diagnostic dots).")
     resize_mode: Literal["crop", "pad"] = "crop"
-    max_pixels: int = Field(50_000_000, ge=1, description="Refuse images with more pixels (decompression bombs).")
-    min_side: int = Field(8, ge=1, description="Refuse images with a smaller side.")
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    max_pixels: int = Field(50_000_000, ge=1, le=1_000_000_000, description="Refuse images with more pixels (decompression bombs).")
+    min_side: int = Field(8, ge=1, le=4096, description="Refuse images with a smaller side.")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024)
 
     # Splits
     seed: int = 0
@@ -57,37 +74,37 @@ class Settings(BaseSettings):
     model: str = Field("efficientnet-lite0", description="The model to train (the pretrained backbone won on HAM10000; see README).")
     weights: str | None = Field(None, description="imagenet, none, or a path to a weights file "
                                 "(unset: imagenet for the pretrained backbones, none for the CNN).")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
     class_balance: Literal["weights", "sampling", "none"] = "weights"
     augment: bool = True
-    early_stopping_patience: int = Field(8, ge=1)
-    time_limit_minutes: float | None = Field(None, gt=0, description="Stop training after this many minutes.")
-    freeze_epochs: int = Field(2, ge=0, description="Pretrained backbones: epochs that train the new head only.")
+    early_stopping_patience: int = Field(8, ge=1, le=10_000)
+    time_limit_minutes: float | None = Field(None, gt=0, le=MINUTES_PER_MONTH, description="Stop training after this many minutes.")
+    freeze_epochs: int = Field(2, ge=0, le=10_000, description="Pretrained backbones: epochs that train the new head only.")
     tensorboard: bool = False
 
     # Evaluation
     target_sensitivity: float = Field(0.741, gt=0, lt=1, description="Melanoma operating point (Brinker 2019).")
-    bootstrap_samples: int = Field(1000, ge=0)
+    bootstrap_samples: int = Field(1000, ge=0, le=100_000)
 
     # Demo: a run short enough to watch, on real data when there is some.
-    demo_epochs: int = Field(8, ge=1)
-    demo_time_limit_minutes: float = Field(4.0, gt=0)
-    demo_synthetic_per_class: int = Field(80, ge=10)
+    demo_epochs: int = Field(8, ge=1, le=1000)
+    demo_time_limit_minutes: float = Field(4.0, gt=0, le=MINUTES_PER_MONTH)
+    demo_synthetic_per_class: int = Field(80, ge=10, le=10_000)
 
     # Explanations
-    explain_top_k: int = Field(3, ge=1, description="Explain the k most probable classes.")
+    explain_top_k: int = Field(3, ge=1, le=100, description="Explain the k most probable classes.")
     lime_segmentation: Literal["slic", "quickshift"] = Field("slic", description="LIME superpixels (slic is faster).")
-    lime_superpixels: int = Field(50, ge=2, description="About how many superpixels SLIC makes.")
-    explain_eval_images: int = Field(50, ge=1, description="Images that `explain-eval` averages over.")
+    lime_superpixels: int = Field(50, ge=2, le=2000, description="About how many superpixels SLIC makes.")
+    explain_eval_images: int = Field(50, ge=1, le=100_000, description="Images that `explain-eval` averages over.")
 
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    max_upload_bytes: int = Field(10_000_000, ge=1)
-    lime_max_samples: int = Field(1000, ge=10)
-    explain_timeout_seconds: float = Field(60.0, gt=0)
+    max_upload_bytes: int = Field(10_000_000, ge=1, le=1_000_000_000)
+    lime_max_samples: int = Field(1000, ge=10, le=100_000)
+    explain_timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _fractions_leave_a_training_set(self) -> Settings:
@@ -105,11 +122,16 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     from_file: dict[str, Any] = {}
     if config_file is not None:
         try:
-            from_file = tomllib.loads(Path(config_file).read_text())
+            from_file = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise MelanomaError(f"Config file {config_file} does not exist.") from None
+        except UnicodeDecodeError as exc:
+            raise MelanomaError(f"Config file {config_file} is not UTF-8 text (the byte at offset {exc.start}).",
+                                hint="TOML files are UTF-8: save it as UTF-8.") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise MelanomaError(f"Config file {config_file} cannot be read: {exc}") from None
+    for warning in unknown_env_variables(os.environ):
+        logger.warning(warning)
     try:
         from_env = Settings()  # reads MELANOMA_* only
         env_values = from_env.model_dump(include=from_env.model_fields_set)
@@ -119,3 +141,19 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         where = f" (from {config_file}, MELANOMA_* variables or flags)" if config_file else ""
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise MelanomaError(f"Invalid settings{where}: {problems}") from None
+
+
+def unknown_env_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``MELANOMA_*`` name in ``environ`` that is no setting: a typo
+    there would otherwise be ignored without a word, while the same typo in TOML is refused."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | set(OTHER_ENV_VARIABLES)
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            # Compared without the prefix, which every name shares.
+            suffixes = [k.removeprefix(ENV_PREFIX) for k in known]
+            close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            warnings.append(f"Warning: the environment variable {name} is not a setting and is ignored{hint}.")
+    return warnings
