@@ -161,3 +161,22 @@ def test_cli_evaluate_and_runs_print_tables(cli, trained_run: Path, tmp_path: Pa
     averaged = pd.read_csv(run / "predictions_test.csv")
     assert averaged["image"].tolist() == plain["image"].tolist()
     assert not np.allclose(averaged.iloc[:, 1:], plain.iloc[:, 1:])  # the views did change the predictions
+
+
+@pytest.mark.realdata
+def test_damaged_run_files_are_clear_errors(cli, trained_run: Path, small_ham_archive: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "model.keras").write_bytes(b"garbage")
+    result = cli("evaluate", "--run", run, "--bootstrap", "0")
+    assert result.code == 2, result
+    assert f"Model file {run / 'model.keras'} cannot be loaded" in result.stderr
+
+    meta = json.loads((run / "run.json").read_text())
+    del meta["archive"]
+    (run / "run.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    result = cli("train", "--resume", "--run-dir", run)
+    assert result.code == 2 and "does not record the archive the run was trained on" in result.stderr
+    assert "--archive" in result.stderr
+    result = cli("train", "--resume", "--run-dir", run, "--archive", small_ham_archive)
+    assert result.code == 2 and "Cannot resume" in result.stderr and "lacks 'archive'" in result.stderr

@@ -282,9 +282,10 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips/rotations of each image.")] = False,
     engine: Annotated[str, typer.Option(help="keras, or onnx (needs `melanoma export`).")] = "keras",
     max_pixels: MaxPixelsOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --out file if it exists.")] = False,
 ) -> None:
     """Classify images with a trained run. Unreadable files are reported and skipped."""
-    from melanoma.files import write_text
+    from melanoma.files import check_new_file, write_text
     from melanoma.modeling.predict import Predictor, predictions_text
 
     settings = settings_for(ctx, max_pixels=max_pixels)
@@ -299,6 +300,8 @@ def predict(
         paths += sorted(p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise MelanomaError("No images given.", hint="Name image files, or a folder with --input-dir.")
+    if out_file:
+        check_new_file(out_file, force=force, what="--out file")  # before the work, not after it
     predictor = Predictor.from_run(run, engine=engine, max_pixels=settings.max_pixels)
     with _progress() as progress:
         task = progress.add_task("Predicting", total=len(paths), visible=input_dir is not None)
@@ -404,10 +407,9 @@ def explain_eval(
                    f"top-{report.settings['stability_top']} IoU across {report.settings['n_seeds']} seeds"):
         table.add_column(column)
     for row in report.rows:
-        stability = f"{row['stability_iou_mean']:.3f} ± {row['stability_iou_sd']:.3f}"
         table.add_row(row["method"], f"{row['deletion_auc_mean']:.3f} ± {row['deletion_auc_sd']:.3f}",
                       f"{row['insertion_auc_mean']:.3f} ± {row['insertion_auc_sd']:.3f}",
-                      "1 (deterministic)" if row["method"] == "gradcam" else stability)
+                      f"{row['stability_iou_mean']:.3f} ± {row['stability_iou_sd']:.3f}")
     out.print(table)
     for path in write_trust_report(report, predictor.run.path):
         out.print(f"Wrote {path}")
@@ -453,7 +455,7 @@ def train_command(
     from datetime import datetime
 
     from melanoma.data.archive import open_archive
-    from melanoma.modeling.runs import read_run_meta
+    from melanoma.modeling.runs import read_run_meta, recorded_archive
     from melanoma.modeling.train import train
 
     settings = settings_for(
@@ -464,7 +466,7 @@ def train_command(
     if resume:
         if run_dir is None:
             raise MelanomaError("--resume needs the --run-dir of the run to continue.", hint="`melanoma runs` lists the runs.")
-        archive_dir = archive or Path(read_run_meta(run_dir)["archive"]["path"])
+        archive_dir = archive or recorded_archive(read_run_meta(run_dir), run_dir)
     else:
         archive_dir = settings.archive_dir
         run_dir = run_dir or settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}"
@@ -504,11 +506,11 @@ def evaluate_command(
     """Evaluate a run: metrics.json, figures, report.md and ISIC-format predictions in the run folder."""
     from melanoma.data.archive import open_archive
     from melanoma.modeling.evaluate import REPORT_FILE, evaluate_run
-    from melanoma.modeling.runs import read_run
+    from melanoma.modeling.runs import read_run, recorded_archive
 
     settings = settings_for(ctx, bootstrap_samples=bootstrap, target_sensitivity=target_sensitivity)
     info = read_run(run)
-    opened = open_archive(archive or Path(info.meta["archive"]["path"]))
+    opened = open_archive(archive or recorded_archive(info.meta, run))
     with console.status(f"Evaluating {run} on the {split} split ..."):
         metrics = evaluate_run(run, opened, split, target_sensitivity=settings.target_sensitivity,
                                bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, tta=tta)

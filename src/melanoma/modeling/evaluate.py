@@ -250,16 +250,15 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     """Evaluate a run's best model on ``split``: write ``metrics.json``, ``figures/*.png``,
     ``report.md`` and ``predictions_<split>.csv`` into the run folder; return the metrics.
     ``tta`` averages every prediction, validation ones included, over 8 flips/rotations."""
-    import keras
-
     from melanoma import plots
+    from melanoma.modeling.predict import load_keras_model  # clear ModelError for a damaged file
 
     run = read_run(run_dir)
     _check_archive(run.meta, archive)
     rows, val_rows = archive.indices(split), archive.indices("val")
     if len(rows) == 0:
         raise ModelError(f"The archive {archive.path} has no images in its {split!r} split.")
-    model = keras.models.load_model(run.model_path, compile=False)
+    model = load_keras_model(run.model_path)
     probabilities = predict_rows(model, archive, rows, tta=tta)
     labels = archive.labels[rows]
     classes = run.classes

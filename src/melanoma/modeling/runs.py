@@ -52,6 +52,16 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def recorded_archive(meta: dict[str, Any], run_dir: Path) -> Path:
+    """The archive a run was trained on, as its ``run.json`` records it."""
+    try:
+        return Path(meta["archive"]["path"])
+    except (KeyError, TypeError):
+        raise ModelError(f"{Path(run_dir) / RUN_FILE} does not record the archive the run was trained on "
+                         "(no archive.path): it is damaged or from another version.",
+                         hint="Name the archive with --archive.") from None
+
+
 def read_run(run_dir: Path) -> RunInfo:
     """Read a run folder, with a clear error if it is not a (finished) run."""
     run_dir = Path(run_dir)

@@ -507,9 +507,14 @@ def _meta_to_resume(run_dir: Path, archive: Archive) -> dict[str, Any]:
     if meta.get("status") == COMPLETE:
         raise ModelError(f"The run in {run_dir} is already complete: there is nothing to resume.",
                          hint="Train into a new --run-dir.")
-    if meta["archive"]["sha256"] != archive.header["sha256"]:
-        raise ModelError(f"Cannot resume {run_dir}: it was trained on another archive ({meta['archive']['path']}).",
-                         hint=f"Pass --archive {meta['archive']['path']}.")
+    try:
+        trained_on, _, _ = meta["archive"]["sha256"], meta["training"], int(meta["epochs_done"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"Cannot resume {run_dir}: its {RUN_FILE} lacks {exc} (damaged, or written by another "
+                         "version).", hint="Train into a new --run-dir.") from None
+    if trained_on != archive.header["sha256"]:
+        raise ModelError(f"Cannot resume {run_dir}: it was trained on another archive ({meta['archive'].get('path')}).",
+                         hint=f"Pass --archive {meta['archive'].get('path')}.")
     return meta
 
 
