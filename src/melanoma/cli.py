@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -41,6 +44,21 @@ def _global_options(
     ] = None,
 ) -> None:
     ctx.obj = {"config": config}
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler or container stopping the job) ends a command the way
+    Ctrl-C does, so that it saves its progress instead of dying mid-write."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def settings_for(ctx: typer.Context, **flags: Any) -> Settings:
@@ -133,11 +151,12 @@ def prepare(
         out.print(f"[yellow]{len(dataset.missing):,} label rows have no image file[/] "
                   f"(listed in {settings.archive_dir / 'missing.csv'}).")
     try:
-        summary = build_archive(
-            dataset, settings.archive_dir, PreprocessParams.from_settings(settings), seed=settings.seed,
-            val_fraction=settings.val_fraction, test_fraction=settings.test_fraction, test_where=settings.test_where,
-            workers=settings.workers, force=force,
-        )
+        with terminate_as_interrupt():
+            summary = build_archive(
+                dataset, settings.archive_dir, PreprocessParams.from_settings(settings), seed=settings.seed,
+                val_fraction=settings.val_fraction, test_fraction=settings.test_fraction,
+                test_where=settings.test_where, workers=settings.workers, force=force,
+            )
     except KeyboardInterrupt:
         console.print("Progress is saved: run the same command again to resume.")
         raise
@@ -475,14 +494,15 @@ def train_command(
         out.print("[bold yellow]SYNTHETIC archive, for demonstration only: no result on it means anything.[/]")
     out.print(f"{'Resuming' if resume else 'Training'} [bold]{settings.model if not resume else run_dir}[/] "
               f"on {archive_dir} ({len(opened.indices('train')):,} training images); run folder {run_dir}")
-    result = train(
-        opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
-        batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
-        class_balance=settings.class_balance, augment=settings.augment,
-        early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
-        freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
-        weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
-    )
+    with terminate_as_interrupt():
+        result = train(
+            opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
+            batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
+            class_balance=settings.class_balance, augment=settings.augment,
+            early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
+            freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
+            weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
+        )
     if result.status == "interrupted":
         console.print(f"[yellow]Interrupted after {result.epochs_done} complete epoch(s); the checkpoint is saved.[/] "
                       f"Continue with: melanoma train --resume --run-dir {run_dir}", highlight=False)

@@ -35,6 +35,7 @@ the weights it had reached).
 
 from __future__ import annotations
 
+import csv
 import math
 import platform
 import time
@@ -335,8 +336,8 @@ def train(
     ``weights`` None means :func:`~melanoma.modeling.models.default_weights` of the model.
     ``freeze_epochs`` applies to pretrained backbones only (``weights`` not "none"): their
     head trains alone for that many epochs at ``learning_rate``, then the whole network at a
-    tenth of it (also from the start when ``freeze_epochs`` is 0). Ctrl-C saves ``last.keras``,
-    marks the run "interrupted" and returns (status "interrupted").
+    tenth of it (also from the start when ``freeze_epochs`` is 0). Ctrl-C (KeyboardInterrupt)
+    saves ``last.keras``, marks the run "interrupted" and returns (status "interrupted").
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
@@ -350,6 +351,7 @@ def train(
         options = meta["training"]
         keras.utils.set_random_seed(options["seed"])
         trainer = _load_trainer(run_dir / LAST_FILE)
+        trim_history(run_dir / HISTORY_FILE, int(meta["epochs_done"]))
         meta["status"] = RUNNING
         write_json(run_dir / RUN_FILE, meta)
     else:
@@ -500,6 +502,21 @@ def _load_trainer(path: Path) -> keras.Model:
         return keras.models.load_model(path)
     except Exception as exc:  # Keras raises many types for damaged files.
         raise ModelError(f"Cannot resume: {path} cannot be loaded: {exc}") from None
+
+
+def trim_history(path: Path, epochs_done: int) -> None:
+    """Drop the history rows of epochs after the checkpoint: a run stopped between the CSV
+    logger and the checkpoint has logged an epoch that the resumed run will train again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    rows = list(csv.reader(lines))
+    if not rows or "epoch" not in rows[0]:
+        return
+    column = rows[0].index("epoch")
+    kept = [line for line, row in zip(lines[1:], rows[1:]) if row and int(row[column]) < epochs_done]
+    if len(kept) < len(lines) - 1:
+        write_text(path, "".join([lines[0], *kept]))
 
 
 def _meta_to_resume(run_dir: Path, archive: Archive) -> dict[str, Any]:
