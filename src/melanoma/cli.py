@@ -33,6 +33,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True, soft_wrap=True)  # never break a path in an error message
 out = Console()
+DEMO_MARKER = ".melanoma-demo"  # in an archive the demo made: the demo may replace it
 
 
 @app.callback()
@@ -122,7 +123,7 @@ def prepare(
         Optional[bool], typer.Option("--hair-removal/--no-hair-removal", help="DullRazor-style hair removal.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild from scratch, replacing an existing archive.")] = False,
-) -> None:
+) -> Any:
     """Preprocess a data set into a memory-mapped NumPy archive with lesion-grouped splits.
 
     Unusable images are skipped (listed in skipped.csv). Re-run to resume an interrupted run.
@@ -161,6 +162,7 @@ def prepare(
         console.print("Progress is saved: run the same command again to resume.")
         raise
     _print_archive_summary(summary)
+    return summary
 
 
 def _print_archive_summary(summary: Any) -> None:
@@ -616,21 +618,24 @@ def demo(
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the model at the end (--no-serve: stop after the report).")] = True,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: demo_epochs setting).")] = None,
     time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Training minutes at most (default: demo_time_limit_minutes).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an archive in archive_dir that the demo did not make.")] = False,
 ) -> None:
     """The whole pipeline in one go: prepare -> train (a few minutes) -> evaluate -> serve.
 
     Uses the data set in the data folder (MELANOMA_DATA_DIR); where there is none, a small
-    synthetic set, clearly labelled as such.
+    synthetic set, clearly labelled as such. An archive of other data in archive_dir is
+    replaced only if the demo made it (or with --force).
     """
     from datetime import datetime
 
     from melanoma.data.archive import open_archive
     from melanoma.data.sources import detect_source
     from melanoma.data.synthetic import make_synthetic_dataset
+    from melanoma.files import write_text
     from melanoma.serving.app import add_examples
 
     settings = settings_for(ctx, demo_epochs=epochs, demo_time_limit_minutes=time_limit)
-    data_dir = settings.data_dir
+    data_dir, synthetic = settings.data_dir, False
     try:
         out.print(f"[bold]1/4 Data[/]: a {detect_source(data_dir)} data set in {data_dir}.")
     except MelanomaError:
@@ -640,12 +645,16 @@ def demo(
             f"[bold yellow]Falling back to SYNTHETIC lesion-like images in {settings.synthetic_dir}: "
             "for demonstration only, no result on them means anything.[/]"
         )
-        data_dir = make_synthetic_dataset(settings.synthetic_dir, settings.demo_synthetic_per_class,
-                                          settings.seed, size=2 * settings.image_size)
-    # The demo owns its archive folder: an archive of another data set there is replaced.
-    header = settings.archive_dir / "header.json"
-    other_data = header.is_file() and Path(json.loads(header.read_text()).get("data_root", "")).resolve() != data_dir.resolve()
-    prepare(ctx, data_dir=data_dir, force=other_data)
+        data_dir, synthetic = settings.synthetic_dir, True
+    other_data = _archive_of_other_data(settings.archive_dir, data_dir)
+    if other_data and not (force or (settings.archive_dir / DEMO_MARKER).is_file()):
+        raise MelanomaError(f"{settings.archive_dir} holds an archive of {other_data} that the demo did not make; "
+                            f"the demo (on {data_dir}) would replace it.",
+                            hint="Set MELANOMA_ARCHIVE_DIR to another folder for the demo, or pass --force to replace it.")
+    if synthetic:
+        make_synthetic_dataset(data_dir, settings.demo_synthetic_per_class, settings.seed, size=2 * settings.image_size)
+    if not prepare(ctx, data_dir=data_dir, force=force or other_data is not None).reused:
+        write_text(settings.archive_dir / DEMO_MARKER, "Made by `melanoma demo`, which may replace this archive.\n")
 
     run_dir = settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-demo-{settings.model}"
     out.print(f"[bold]2/4 Train[/]: at most {settings.demo_epochs} epochs or {settings.demo_time_limit_minutes:g} minutes.")
@@ -659,6 +668,15 @@ def demo(
         return
     out.print("[bold]4/4 Serve[/].")
     serve_command(ctx, run=run_dir)
+
+
+def _archive_of_other_data(archive_dir: Path, data_dir: Path) -> Path | None:
+    """The data folder that the archive in ``archive_dir`` was built from, if not ``data_dir``."""
+    try:
+        recorded = Path(json.loads((archive_dir / "header.json").read_text())["data_root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no archive there (or a damaged one, which prepare itself refuses)
+    return None if recorded.resolve() == data_dir.resolve() else recorded
 
 
 def main() -> None:
