@@ -210,6 +210,19 @@ def test_entries_that_cannot_be_images_are_listed_not_fatal(tmp_path: Path) -> N
     for path, _ in dataset.skipped:
         path.encode("utf-8")  # every listed path can be written to skipped.csv
 
+    # A folder of unusable entries only is no class; a class named with non-UTF-8 bytes is refused.
+    (tmp_path / "bcc").mkdir()
+    (tmp_path / "bcc" / "gone.jpg").symlink_to(tmp_path / "gone.jpg")
+    dataset = read_dataset(tmp_path)
+    assert dataset.classes == ["mel", "nv"] and len(dataset.skipped) == 5
+    assert any("Folder(s) bcc hold no usable image" in note for note in dataset.notes)
+    latin = os.fsencode(tmp_path) + b"/n\xe6vi"
+    os.mkdir(latin)
+    with open(latin + b"/a.jpg", "wb"):
+        pass
+    with pytest.raises(DataError, match=r"The class folder .*n\\xe6vi has a name that is not valid UTF-8"):
+        read_dataset(tmp_path)
+
 
 def test_unknown_layout(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("nothing here")

@@ -245,8 +245,12 @@ def _read_folder(root: Path) -> Dataset:
                 several.append(f"{name}/{path.name}")
             rows.append({"image_id": path.name if stems[stem] > 1 else stem, "label": name, "stem": stem,
                          "group_id": f"{name}/{stem}" if stems[stem] > 1 else pd.NA, "path": str(path)})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=["image_id", "label", "stem", "group_id", "path"])
+    classes = [f.name for f in folders if f.name in set(table["label"])]
     notes = []
+    if len(classes) < len(folders):
+        empty = [f.name for f in folders if f.name not in classes]
+        notes.append(f"Folder(s) {', '.join(empty)} hold no usable image (see skipped.csv): not taken as classes.")
     if several:
         notes.append(
             f"{len(several)} files share their name, not their extension, with another one in the same class folder "
@@ -264,7 +268,7 @@ def _read_folder(root: Path) -> Dataset:
         table.loc[duplicated, "image_id"] = table["label"] + "/" + table["image_id"]
     table = table.drop(columns="stem")
     source = "synthetic" if (root / SYNTHETIC_MARKER).is_file() else "folder"
-    return _finish(Dataset(source, root, [f.name for f in folders], table, notes=notes, skipped=skipped), images=None)
+    return _finish(Dataset(source, root, classes, table, notes=notes, skipped=skipped), images=None)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -417,7 +421,7 @@ def _class_folders(root: Path) -> list[Path]:
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as exc:
         raise DataError(f"The data folder {root} cannot be read: {exc.strerror}.", hint="Fix its permissions.") from None
-    return [d for d in subdirs if _scan(d)[0]]
+    return [d for d in subdirs if any(_scan(d))]  # with images, or entries named like images
 
 
 def _finish(dataset: Dataset, images: dict[str, Path] | None) -> Dataset:
