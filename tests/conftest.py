@@ -1,5 +1,6 @@
 """Shared fixtures. Real-data tests read ../shared/data and are skipped, with a message
-saying so, where it is absent (CI always has it)."""
+saying so, where it is absent; in CI (the environment variable CI set) they fail instead,
+so that half the suite cannot vanish unnoticed."""
 
 from __future__ import annotations
 
@@ -19,10 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MELANOMA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def missing_shared_data(reason: str) -> None:
+    """Skip a real-data test where the data is absent, but fail it in CI, which must have it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI must run the real-data tests (set MELANOMA_SHARED_DATA or provide ../shared/data)")
+    pytest.skip(f"{reason}: real-data test skipped")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "ham10000" / "HAM10000_metadata.csv").is_file():
-        pytest.skip(f"real dermoscopy data not found at {SHARED_DATA}: real-data test skipped")
+        missing_shared_data(f"real dermoscopy data not found at {SHARED_DATA}")
     return SHARED_DATA
 
 

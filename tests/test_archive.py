@@ -4,7 +4,10 @@ from real HAM10000 images."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from melanoma.errors import DataError
 HEADER_KEYS = {"format_version", "source", "synthetic", "classes", "class_counts", "split_counts", "preprocess", "seed",
                "val_fraction", "test_fraction", "test_where", "n_images", "sha256", "versions", "created", "skipped"}
 SPLIT_OPTIONS = dict(seed=0, val_fraction=0.2, test_fraction=0.2, test_where=None)
+BUILD_OPTIONS = dict(workers=1, progress=False, **SPLIT_OPTIONS)
 
 
 @pytest.fixture
@@ -185,3 +189,102 @@ def test_synthetic_set_is_labelled_and_learnable(tmp_path: Path) -> None:
     assert cross_val_score(LogisticRegression(max_iter=2000), features, archive.labels, cv=3).mean() > 0.9
     with pytest.raises(DataError, match="not a synthetic data set"):
         make_synthetic_dataset(tmp_path / "archive", n_per_class=1, seed=0, size=32)
+
+
+# --------------------------------------------------------------------------- never lose or reuse stale data
+
+
+@pytest.fixture
+def small_synthetic(tmp_path: Path) -> Path:
+    """4 generated images of each class, quick to prepare."""
+    return make_synthetic_dataset(tmp_path / "synthetic", n_per_class=4, seed=0, size=48)
+
+
+def test_folders_next_to_the_output_that_prepare_did_not_make_are_left_alone(small_synthetic: Path,
+                                                                              tmp_path: Path) -> None:
+    dataset = read_dataset(small_synthetic)
+    out = tmp_path / "archive"
+    for leftover in (tmp_path / "archive.partial", tmp_path / "archive.old"):
+        leftover.mkdir()
+        (leftover / "thesis.tex").write_text("precious")
+        with pytest.raises(DataError, match=f"{leftover} exists but was not made by `melanoma prepare`") as error:
+            build_archive(dataset, out, PreprocessParams(image_size=32), force=True, **BUILD_OPTIONS)
+        assert "Move or delete it yourself" in error.value.hint
+        assert (leftover / "thesis.tex").read_text() == "precious" and not out.exists()
+        shutil.rmtree(leftover)
+
+    # What prepare made itself it may delete: an interrupted run, a replaced archive.
+    build_archive(dataset, out, PreprocessParams(image_size=32), **BUILD_OPTIONS)
+    shutil.copytree(out, tmp_path / "archive.old")  # carries the marker, as a crash mid-replace would leave it
+    build_archive(dataset, out, PreprocessParams(image_size=40), force=True, **BUILD_OPTIONS)
+    assert open_archive(out, verify=True).images.shape[1] == 40
+    assert not (tmp_path / "archive.old").exists() and not (tmp_path / "archive.partial").exists()
+
+
+def test_an_image_changed_in_place_is_not_taken_for_the_old_one(small_synthetic: Path, tmp_path: Path) -> None:
+    params = PreprocessParams(image_size=32, crop_vignette=False, color_constancy=False)
+    out = tmp_path / "archive"
+    build_archive(read_dataset(small_synthetic), out, params, **BUILD_OPTIONS)
+    changed = Path(open_archive(out).manifest["path"].iloc[0])
+    cv2.imwrite(str(changed), np.full((48, 48, 3), 200, np.uint8))  # same name, other pixels
+
+    with pytest.raises(DataError, match="an image file changed since") as error:
+        build_archive(read_dataset(small_synthetic), out, params, **BUILD_OPTIONS)
+    assert "--force" in error.value.hint
+    build_archive(read_dataset(small_synthetic), out, params, force=True, **BUILD_OPTIONS)
+    rebuilt = open_archive(out)
+    row = rebuilt.manifest.index[rebuilt.manifest["path"] == str(changed)][0]
+    np.testing.assert_array_equal(rebuilt.images[row], load_image(changed, params))
+
+
+HOLD_THE_BUILD = """
+import sys
+from pathlib import Path
+from melanoma.data import archive
+from melanoma.data.preprocess import PreprocessParams
+from melanoma.data.sources import read_dataset
+
+fill = archive._fill_images
+def paused(*args, **kwargs):  # the run has its lock and its partial folder: wait for the test
+    print("working", flush=True)
+    sys.stdin.readline()
+    fill(*args, **kwargs)
+archive._fill_images = paused
+archive.build_archive(read_dataset(Path(sys.argv[1])), Path(sys.argv[2]), PreprocessParams(image_size=32),
+                      workers=1, progress=False, seed=0, val_fraction=0.2, test_fraction=0.2, test_where=None)
+"""
+
+
+def test_a_second_run_on_the_same_output_stops_clearly(small_synthetic: Path, tmp_path: Path) -> None:
+    out = tmp_path / "archive"
+    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD, str(small_synthetic), str(out)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "working\n"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOMA_")}
+        second = subprocess.run([sys.executable, "-m", "melanoma", "prepare", "--data-dir", small_synthetic,
+                                 "--out", out, "--image-size", "32", "--workers", "1"],
+                                capture_output=True, text=True, timeout=120, env={**env, "COLUMNS": "300"})
+        assert second.returncode == 2, second.stderr
+        assert f"Another `melanoma prepare` (process {first.pid}) is writing to {out}.partial" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.wait(120) == 0
+    finally:
+        first.kill()
+    assert open_archive(out, verify=True).images.shape == (4 * len(LOOKS), 32, 32, 3)
+    assert not (tmp_path / "archive.partial").exists() and not (out / "prepare.lock").exists()
+
+
+def test_entries_that_cannot_be_images_are_listed_in_skipped_csv(small_synthetic: Path, tmp_path: Path) -> None:
+    nevi = next(p for p in small_synthetic.iterdir() if p.is_dir())
+    (nevi / "loop.jpg").symlink_to("loop.jpg")
+    (nevi / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (nevi / "folder.jpg").mkdir()
+    summary = build_archive(read_dataset(small_synthetic), tmp_path / "archive", PreprocessParams(image_size=32),
+                            **BUILD_OPTIONS)
+    skipped = pd.read_csv(tmp_path / "archive" / "skipped.csv")
+    assert sorted(Path(p).name for p in skipped["path"]) == ["dangling.jpg", "folder.jpg", "loop.jpg"]
+    assert len(summary.skipped) == 3 and summary.n_images == 4 * len(LOOKS)
+    assert open_archive(tmp_path / "archive").header["skipped"] == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,38 @@ def test_cli_config_show_and_clear_error(tmp_path: Path):
     )
     assert failed.returncode == 2
     assert "image_size" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path):
+    config = tmp_path / "latin1.toml"
+    config.write_bytes('data_dir = "donn\u00e9es"\n'.encode("latin-1"))
+    with pytest.raises(MelanomaError, match=r"latin1.toml is not UTF-8 text \(the byte at offset 16\)"):
+        load_settings(config)
+
+
+def test_a_misspelt_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    monkeypatch.setenv("MELANOMA_IMAGE_SIZ", "96")
+    monkeypatch.setenv("MELANOMA_XYZZY", "1")
+    monkeypatch.setenv("MELANOMA_SEED", "3")  # a setting: no warning
+    with caplog.at_level("WARNING", logger="melanoma.config"):
+        settings = load_settings()
+    assert settings.image_size == 128 and settings.seed == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "Warning: the environment variable MELANOMA_IMAGE_SIZ is not a setting and is ignored "
+        "(did you mean MELANOMA_IMAGE_SIZE?).",
+        "Warning: the environment variable MELANOMA_XYZZY is not a setting and is ignored.",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOMA_")}
+    shown = subprocess.run([sys.executable, "-m", "melanoma", "config", "show"], capture_output=True, text=True,
+                           env={**env, "MELANOMA_IMAGE_SIZ": "96", "COLUMNS": "200"})
+    assert shown.returncode == 0 and "MELANOMA_IMAGE_SIZ is not a setting" in shown.stderr
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("explain_timeout_seconds", float("inf")), ("explain_timeout_seconds", float("nan")),
+    ("explain_timeout_seconds", 1e6), ("lime_max_samples", 10**8), ("max_upload_bytes", 10**11),
+    ("max_pixels", 10**12), ("batch_size", 10**6), ("time_limit_minutes", float("inf")),
+])
+def test_absurd_values_are_refused(name: str, value: float):
+    with pytest.raises(MelanomaError, match=f"Invalid settings: {name}: Input should be"):
+        load_settings(**{name: value})

@@ -28,7 +28,10 @@ def test_every_model_maps_0_255_images_to_probabilities(name: str) -> None:
     assert probabilities.shape == (2, 7)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     if name != "cnn":
-        assert model.get_layer(BACKBONE_LAYER) is not None
+        # The named backbone is the feature extractor whose pooled features the head classifies.
+        backbone = model.get_layer(BACKBONE_LAYER)
+        assert isinstance(backbone, keras.Model) and len(backbone.output.shape) == 4
+        assert tuple(model.get_layer("probabilities").kernel.shape) == (backbone.output.shape[-1], 7)
 
 
 def test_cnn_rescales_inside_and_is_configurable() -> None:

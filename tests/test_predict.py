@@ -143,13 +143,17 @@ def test_onnx_engine_without_export_says_how_to_export(trained_run: Path, tmp_pa
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_predicts_a_folder_and_reports_skipped_files(cli, trained_run: Path, image_folder: Path,
-                                                         tmp_path: Path) -> None:
+def test_cli_predicts_a_folder_and_reports_skipped_files(cli, trained_run: Path, predictor: Predictor,
+                                                         image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "preds.csv"
     result = cli("predict", "--run", trained_run, "--input-dir", image_folder, "--out", out)
     assert result.code == 0, result.stderr
     frame = pd.read_csv(out)
-    assert len(frame) == 4 and set(frame["prediction"]) <= set(json.loads((trained_run / "run.json").read_text())["classes"])
+    assert len(frame) == 4
+    # Each row is its own file's prediction: the model's probabilities, the argmax class.
+    expected = predictor.predict([Path(f) for f in frame["file"]])
+    np.testing.assert_allclose(frame[predictor.classes].to_numpy(), expected, atol=1e-5)
+    assert frame["prediction"].tolist() == [predictor.classes[i] for i in expected.argmax(axis=1)]
     assert "broken.jpg" in result.stderr and "not an image" in result.stderr
     assert "too large" in result.stderr and "too small" in result.stderr
     assert "3 of 7 files skipped" in result.stderr
@@ -202,3 +206,24 @@ def test_cli_model_errors_exit_2_without_traceback(cli, trained_run: Path, ham_f
     assert result.code == 2 and "cannot be loaded" in result.stderr and "Traceback" not in result.stderr
     result = cli("predict", "--run", trained_run, ham_files[0], "--engine", "onnx")
     assert result.code == 2 and "melanoma export" in result.stderr
+
+
+def test_cli_out_is_checked_before_any_work(cli, trained_run: Path, ham_files: list[Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_work(*args, **kwargs):
+        raise AssertionError("predicted before checking --out")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Predictor, "from_run", no_work)
+        missing = cli("predict", "--run", trained_run, ham_files[0], "--out", tmp_path / "absent" / "p.csv")
+        assert missing.code == 2 and f"does not exist: {tmp_path / 'absent'}" in missing.stderr
+        existing = tmp_path / "earlier.csv"
+        existing.write_text("yesterday's predictions\n")
+        refused = cli("predict", "--run", trained_run, ham_files[0], "--out", existing)
+        assert refused.code == 2 and f"{existing} already exists" in refused.stderr and "--force" in refused.stderr
+        assert existing.read_text() == "yesterday's predictions\n"
+        folder = cli("predict", "--run", trained_run, ham_files[0], "--out", tmp_path)
+        assert folder.code == 2 and "is a folder" in folder.stderr
+    replaced = cli("predict", "--run", trained_run, ham_files[0], "--out", existing, "--force")
+    assert replaced.code == 0, replaced.stderr
+    assert pd.read_csv(existing)["file"].tolist() == [str(ham_files[0])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_bad_files_are_skipped_and_listed(clean_messy_run: tuple[Path, subproces
     assert {Path(p).name for p in skipped["path"]} == BAD_FILES
     reasons = dict(zip(skipped["path"].map(lambda p: Path(p).name), skipped["reason"].str.lower()))
     assert "truncated" in reasons["truncated.jpg"] and "empty" in reasons["empty.jpg"]
-    assert reasons["notes.jpg"]  # not an image: some reason, whatever the decoder says
+    assert reasons["notes.jpg"].startswith("not an image (unrecognised format")
     archive = open_archive(out, verify=True)
     assert len(archive.manifest) == 1_501 and not set(archive.manifest["image_id"]) & {"truncated", "empty", "notes"}
     png = archive.manifest.index[archive.manifest["image_id"] == "with_alpha"][0]
@@ -181,7 +182,8 @@ def ham_layout(root: Path, metadata: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["missing column", "duplicate ids", "unwritable output"])
+@pytest.mark.parametrize("case", ["missing column", "duplicate ids", "empty dx", "a column named label",
+                                  "unwritable output"])
 def test_structural_errors_exit_2(case: str, messy_folder: Path, tmp_path: Path) -> None:
     header = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
     row = "HAM_0000118,ISIC_0027419,bkl,histo,80.0,male,scalp\n"
@@ -192,6 +194,12 @@ def test_structural_errors_exit_2(case: str, messy_folder: Path, tmp_path: Path)
     elif case == "duplicate ids":
         data = ham_layout(tmp_path / "ham", header + row + row)
         expected = ["HAM10000_metadata.csv", "ISIC_0027419", "more than once"]
+    elif case == "empty dx":
+        data = ham_layout(tmp_path / "ham", header + row + row.replace(",bkl,", ",,").replace("27419", "27420"))
+        expected = ["HAM10000_metadata.csv has 1 row(s) without a dx (e.g. ISIC_0027420)"]
+    elif case == "a column named label":
+        data = ham_layout(tmp_path / "ham", header.replace("\n", ",label\n") + row.replace("\n", ",bkl\n"))
+        expected = ["HAM10000_metadata.csv has a column named 'label'", "Hint: Rename or remove that column"]
     else:
         (tmp_path / "a_file").write_text("")
         data, out = messy_folder, tmp_path / "a_file" / "archive"
@@ -201,3 +209,30 @@ def test_structural_errors_exit_2(case: str, messy_folder: Path, tmp_path: Path)
     assert all(text in result.stderr for text in expected), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not out.exists()
+
+
+def test_odd_entries_in_class_folders_are_listed_not_fatal(tmp_path: Path) -> None:
+    """A symbolic link loop, a broken link, a folder named like an image, a file name that
+    is not UTF-8, and x.jpg beside x.png: the run goes on and says what it did with each."""
+    from melanoma.data.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "data", n_per_class=3, seed=0, size=48)
+    mel = root / "MEL"
+    (mel / "loop.jpg").symlink_to("loop.jpg")
+    (mel / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (mel / "folder.jpg").mkdir()
+    shutil.copy(next(mel.glob("*.jpg")), os.fsencode(mel) + b"/caf\xe9.jpg")
+    twin = next(p for p in sorted(mel.glob("*.jpg")) if p.is_file() and not p.is_symlink())
+    cv2.imwrite(str(twin.with_suffix(".png")), cv2.imread(str(twin)))
+    result = prepare("--data-dir", root, "--out", tmp_path / "archive", "--image-size", 32, "--workers", 1, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "4 image(s) skipped" in result.stdout
+    skipped = pd.read_csv(tmp_path / "archive" / "skipped.csv")
+    reasons = dict(zip(skipped["path"].map(lambda p: Path(p).name), skipped["reason"]))
+    assert reasons == {"loop.jpg": "cannot be read (Too many levels of symbolic links)",
+                       "dangling.jpg": f"broken symbolic link (its target {tmp_path / 'nowhere.jpg'} does not exist)",
+                       "folder.jpg": "is a folder, not an image file",
+                       "caf\\xe9.jpg": "its path is not valid UTF-8 (rename it)"}
+    assert "2 files share their name, not their extension" in result.stdout
+    ids = set(open_archive(tmp_path / "archive").manifest["image_id"])
+    assert {twin.name, twin.with_suffix(".png").name} <= ids  # both kept

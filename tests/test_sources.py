@@ -72,6 +72,27 @@ def test_ham10000_structural_errors(tmp_path: Path) -> None:
         read_dataset(tmp_path, "ham10000")  # no image folder at all
 
 
+def test_ham10000_empty_dx_and_a_column_named_label_are_refused(tmp_path: Path) -> None:
+    header = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+    touch_images(tmp_path / "HAM10000_images_part_1", ["ISIC_1.jpg", "ISIC_2.jpg"])
+    metadata = tmp_path / "HAM10000_metadata.csv"
+    metadata.write_text(header + "HAM_1,ISIC_1,nv,histo,40.0,male,back\nHAM_2,ISIC_2, ,histo,50.0,male,back\n")
+    with pytest.raises(DataError, match=r"HAM10000_metadata.csv has 1 row\(s\) without a dx \(e.g. ISIC_2\)"):
+        read_dataset(tmp_path)
+    metadata.write_text(header.replace("\n", ",label\n") + "HAM_1,ISIC_1,nv,histo,40.0,male,back,x\n")
+    with pytest.raises(DataError, match="HAM10000_metadata.csv has a column named 'label'") as error:
+        read_dataset(tmp_path)
+    assert "Rename" in error.value.hint
+
+
+def test_two_files_for_one_image_id_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\nHAM_1,ISIC_1,nv\n")
+    touch_images(tmp_path / "HAM10000_images_part_1", ["ISIC_1.jpg"])
+    touch_images(tmp_path / "HAM10000_images_part_2", ["ISIC_1.JPEG"])
+    with pytest.raises(DataError, match=r"1 image id\(s\) have more than one file .*ISIC_1.jpg and ISIC_1.JPEG"):
+        read_dataset(tmp_path)
+
+
 # --------------------------------------------------------------------------- ISIC 2019
 
 
@@ -153,6 +174,54 @@ def test_folder_per_class(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"Class\(es\) nevus are not in the data set"):
         read_dataset(tmp_path, classes=["nevus"])
     assert read_dataset(tmp_path, classes=["malignant"]).manifest["label"].unique().tolist() == ["malignant"]
+
+
+def test_same_name_with_another_extension_keeps_both_in_one_group(tmp_path: Path) -> None:
+    touch_images(tmp_path / "nv", ["x.jpg", "x.png", "x.JPEG", "y.jpg"])
+    touch_images(tmp_path / "mel", ["x.jpg"])
+    dataset = read_dataset(tmp_path)
+    table = dataset.manifest.set_index("image_id")
+    assert sorted(table.index) == ["mel/x", "nv/x.JPEG", "nv/x.jpg", "nv/x.png", "y"]  # x is in two classes too
+    assert table.loc["nv/x.jpg", "path"].endswith("nv/x.jpg")
+    assert set(table.loc[["nv/x.jpg", "nv/x.png", "nv/x.JPEG"], "group_id"]) == {"nv/x"}
+    assert table.loc["mel/x", "group_id"] == "mel/x" and table.loc["y", "group_id"] == "y"
+    assert any("1 file name(s) appear in more than one class folder (e.g. x)" in note for note in dataset.notes)
+    assert any("3 files share their name" in note and "nv/x.png" in note for note in dataset.notes)
+
+
+def test_entries_that_cannot_be_images_are_listed_not_fatal(tmp_path: Path) -> None:
+    touch_images(tmp_path / "nv", ["good.jpg"])
+    touch_images(tmp_path / "mel", ["good2.jpg"])
+    (tmp_path / "nv" / "loop.jpg").symlink_to("loop.jpg")
+    (tmp_path / "nv" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "mel" / "folder.jpg").mkdir()
+    bad_name = os.fsencode(tmp_path / "mel") + b"/caf\xe9.jpg"  # Latin-1, not UTF-8
+    with open(bad_name, "wb"):
+        pass
+    dataset = read_dataset(tmp_path)
+    assert sorted(dataset.manifest["image_id"]) == ["good", "good2"]
+    reasons = {Path(path).name: reason for path, reason in dataset.skipped}
+    assert reasons == {
+        "loop.jpg": "cannot be read (Too many levels of symbolic links)",
+        "dangling.jpg": f"broken symbolic link (its target {tmp_path / 'nowhere.jpg'} does not exist)",
+        "folder.jpg": "is a folder, not an image file",
+        "caf\\xe9.jpg": "its path is not valid UTF-8 (rename it)",
+    }
+    for path, _ in dataset.skipped:
+        path.encode("utf-8")  # every listed path can be written to skipped.csv
+
+    # A folder of unusable entries only is no class; a class named with non-UTF-8 bytes is refused.
+    (tmp_path / "bcc").mkdir()
+    (tmp_path / "bcc" / "gone.jpg").symlink_to(tmp_path / "gone.jpg")
+    dataset = read_dataset(tmp_path)
+    assert dataset.classes == ["mel", "nv"] and len(dataset.skipped) == 5
+    assert any("Folder(s) bcc hold no usable image" in note for note in dataset.notes)
+    latin = os.fsencode(tmp_path) + b"/n\xe6vi"
+    os.mkdir(latin)
+    with open(latin + b"/a.jpg", "wb"):
+        pass
+    with pytest.raises(DataError, match=r"The class folder .*n\\xe6vi has a name that is not valid UTF-8"):
+        read_dataset(tmp_path)
 
 
 def test_unknown_layout(tmp_path: Path) -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import keras
@@ -17,7 +22,7 @@ from melanoma.errors import ModelError
 from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.evaluate import predict_rows
 from melanoma.modeling.models import small_cnn
-from melanoma.modeling.train import ArchiveFeed, EpochReport, RandomVignette, class_weights, train, training_model
+from melanoma.modeling.train import ArchiveFeed, RandomVignette, class_weights, train, training_model
 
 RUN_FILES = {"run.json", "model.keras", "last.keras", "config.json", "split.csv", "history.csv", "versions.json"}
 
@@ -92,37 +97,60 @@ def test_best_checkpoint_reloads_to_the_recorded_predictions(trained_run: Path, 
                                atol=2e-6)
 
 
+def stop_mid_run(signal_number: int, archive: Path, run: Path, log: Path, epochs: int) -> int:
+    """Start `melanoma train` in a process of its own, send it ``signal_number`` once the
+    first epoch is checkpointed, and return its exit code."""
+    args = ["train", "--archive", archive, "--model", "cnn", "--epochs", epochs, "--batch-size", 64, "--seed", 1,
+            "--run-dir", run]
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "melanoma", *map(str, args)], stdout=output,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "300"})
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if json.loads((run / "run.json").read_text())["epochs_done"] >= 1:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass  # not written yet
+            time.sleep(0.1)
+        assert process.poll() is None, f"the run ended before it could be stopped:\n{log.read_text()[-3000:]}"
+        process.send_signal(signal_number)
+        return process.wait(120)
+    finally:
+        process.kill()
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(small_ham_archive: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = open_archive(small_ham_archive)
-    run = tmp_path / "run"
-    # weights unset: the CNN, which has no pretrained weights, starts from random ones
-    options = dict(model_name="cnn", weights=None, epochs=2, batch_size=64, learning_rate=1e-3, seed=1, progress=False)
-    begin_epoch = EpochReport.on_epoch_begin
-
-    def ctrl_c_in_second_epoch(self: EpochReport, epoch: int, logs: dict | None = None) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-        begin_epoch(self, epoch, logs)
-
-    monkeypatch.setattr(EpochReport, "on_epoch_begin", ctrl_c_in_second_epoch)
-    interrupted = train(archive, run, **options)
-    monkeypatch.undo()
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_saves_a_checkpoint_and_resume_continues(signal_number: int, small_ham_archive: Path,
+                                                              tmp_path: Path) -> None:
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    code = stop_mid_run(signal_number, small_ham_archive, run, log, epochs=3)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "Traceback" not in text and f"Continue with: melanoma train --resume --run-dir {run}" in text
     meta = json.loads((run / "run.json").read_text())
-    assert interrupted.status == meta["status"] == "interrupted" and meta["epochs_done"] == 1
-    assert meta["training"]["weights"] == "none"
-    assert (run / "last.keras").is_file() and len(pd.read_csv(run / "history.csv")) == 1
+    assert meta["status"] == "interrupted" and 1 <= meta["epochs_done"] < 3
+    assert meta["training"]["weights"] == "none"  # weights unset: the CNN starts from random ones
+    assert (run / "last.keras").is_file()
+
+    # As if the run had been killed between the CSV logger and the checkpoint: one epoch
+    # more in the history than in the checkpoint. The resumed run trains it again.
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == list(range(meta["epochs_done"]))
+    extra = history.tail(1).assign(epoch=meta["epochs_done"])
+    pd.concat([history, extra]).to_csv(run / "history.csv", index=False)
+    archive = open_archive(small_ham_archive)
+    options = dict(model_name="cnn", weights=None, epochs=3, batch_size=64, learning_rate=1e-3, seed=1, progress=False)
     with pytest.raises(ModelError, match="unfinished run"):
         train(archive, run, **options)
-
     resumed = train(archive, run, resume=True, **options)
-    assert resumed.status == "complete" and resumed.epochs_done == 2
-    history = pd.read_csv(run / "history.csv")
-    assert history["epoch"].tolist() == [0, 1]
+    assert resumed.status == "complete" and resumed.epochs_done == 3
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
     meta = json.loads((run / "run.json").read_text())
-    assert meta["status"] == "complete" and meta["epochs_done"] == 2
+    assert meta["status"] == "complete" and meta["epochs_done"] == 3
     with pytest.raises(ModelError, match="already complete"):
         train(archive, run, resume=True, **options)
 
@@ -166,6 +194,23 @@ def test_cli_evaluate_and_runs_print_tables(cli, trained_run: Path, tmp_path: Pa
     assert not np.allclose(averaged.iloc[:, 1:], plain.iloc[:, 1:])  # the views did change the predictions
 
 
+@pytest.mark.realdata
+def test_damaged_run_files_are_clear_errors(cli, trained_run: Path, small_ham_archive: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "model.keras").write_bytes(b"garbage")
+    result = cli("evaluate", "--run", run, "--bootstrap", "0")
+    assert result.code == 2, result
+    assert f"Model file {run / 'model.keras'} cannot be loaded" in result.stderr
+
+    meta = json.loads((run / "run.json").read_text())
+    del meta["archive"]
+    (run / "run.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    result = cli("train", "--resume", "--run-dir", run)
+    assert result.code == 2 and "does not record the archive the run was trained on" in result.stderr
+    assert "--archive" in result.stderr
+    result = cli("train", "--resume", "--run-dir", run, "--archive", small_ham_archive)
+    assert result.code == 2 and "Cannot resume" in result.stderr and "lacks 'archive'" in result.stderr
 def test_extra_augmentation_shifts_colour_and_survives_a_checkpoint(tmp_path: Path) -> None:
     """--extra-augment adds hue, saturation, illuminant and aspect jitter to training only;
     the trainer (saved as last.keras for --resume) loads back with it."""

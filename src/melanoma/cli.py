@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -32,6 +35,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True, soft_wrap=True)  # never break a path in an error message
 out = Console()
+DEMO_MARKER = ".melanoma-demo"  # in an archive the demo made: the demo may replace it
 
 
 def _print_version(value: bool) -> None:
@@ -58,6 +62,21 @@ def _global_options(
     ] = False,
 ) -> None:
     ctx.obj = {"config": config}
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler or container stopping the job) ends a command the way
+    Ctrl-C does, so that it saves its progress instead of dying mid-write."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def settings_for(ctx: typer.Context, **flags: Any) -> Settings:
@@ -130,7 +149,7 @@ def prepare(
         Optional[bool], typer.Option("--hair-removal/--no-hair-removal", help="DullRazor-style hair removal.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild from scratch, replacing an existing archive.")] = False,
-) -> None:
+) -> Any:
     """Preprocess a data set into a memory-mapped NumPy archive with lesion-grouped splits.
 
     Unusable images are skipped (listed in skipped.csv). Re-run to resume an interrupted run.
@@ -165,15 +184,17 @@ def prepare(
         out.print(f"[yellow]{len(dataset.missing):,} label rows have no image file[/] "
                   f"(listed in {settings.archive_dir / 'missing.csv'}).")
     try:
-        summary = build_archive(
-            dataset, settings.archive_dir, PreprocessParams.from_settings(settings), seed=settings.seed,
-            val_fraction=settings.val_fraction, test_fraction=settings.test_fraction, test_where=settings.test_where,
-            workers=settings.workers, force=force,
-        )
+        with terminate_as_interrupt():
+            summary = build_archive(
+                dataset, settings.archive_dir, PreprocessParams.from_settings(settings), seed=settings.seed,
+                val_fraction=settings.val_fraction, test_fraction=settings.test_fraction,
+                test_where=settings.test_where, workers=settings.workers, force=force,
+            )
     except KeyboardInterrupt:
         console.print("Progress is saved: run the same command again to resume.")
         raise
     _print_archive_summary(summary)
+    return summary
 
 
 def _print_archive_summary(summary: Any) -> None:
@@ -319,6 +340,7 @@ def predict(
     engine: Annotated[EngineChoice, typer.Option(help="keras, or onnx (needs `melanoma export`).")] = "keras",
     max_pixels: MaxPixelsOption = None,
     calibration: CalibrationOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --out file if it exists.")] = False,
 ) -> None:
     """Classify images with a trained run. Unreadable files are reported and skipped.
 
@@ -327,7 +349,8 @@ def predict(
     blurred, extreme_aspect_ratio).
     """
     from melanoma.data.quality import QualityLimits
-    from melanoma.modeling.predict import Predictor, predictions_text, write_text
+    from melanoma.files import check_new_file, write_text
+    from melanoma.modeling.predict import Predictor, predictions_text
 
     settings = settings_for(ctx, max_pixels=max_pixels, calibration=calibration)
     fmt = fmt or ("json" if out_file and out_file.suffix == ".json" else "csv" if out_file else "table")
@@ -341,6 +364,8 @@ def predict(
         paths += sorted(p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise MelanomaError("No images given.", hint="Name image files, or a folder with --input-dir.")
+    if out_file:
+        check_new_file(out_file, force=force, what="--out file")  # before the work, not after it
     predictor = Predictor.from_run(run, engine=engine, max_pixels=settings.max_pixels, calibration=settings.calibration)
     with _progress() as progress:
         task = progress.add_task("Predicting", total=len(paths), visible=input_dir is not None)
@@ -458,10 +483,9 @@ def explain_eval(
                    f"top-{report.settings['stability_top']} IoU across {report.settings['n_seeds']} seeds"):
         table.add_column(column)
     for row in report.rows:
-        stability = f"{row['stability_iou_mean']:.3f} ± {row['stability_iou_sd']:.3f}"
         table.add_row(row["method"], f"{row['deletion_auc_mean']:.3f} ± {row['deletion_auc_sd']:.3f}",
                       f"{row['insertion_auc_mean']:.3f} ± {row['insertion_auc_sd']:.3f}",
-                      "1 (deterministic)" if row["method"] == "gradcam" else stability)
+                      f"{row['stability_iou_mean']:.3f} ± {row['stability_iou_sd']:.3f}")
     out.print(table)
     for path in write_trust_report(report, predictor.run.path):
         out.print(f"Wrote {path}")
@@ -531,7 +555,7 @@ def train_command(
     from datetime import datetime
 
     from melanoma.data.archive import open_archive
-    from melanoma.modeling.runs import read_run_meta
+    from melanoma.modeling.runs import read_run_meta, recorded_archive
     from melanoma.modeling.train import train
 
     settings = settings_for(
@@ -543,7 +567,7 @@ def train_command(
     if resume:
         if run_dir is None:
             raise MelanomaError("--resume needs the --run-dir of the run to continue.", hint="`melanoma runs` lists the runs.")
-        archive_dir = archive or Path(read_run_meta(run_dir)["archive"]["path"])
+        archive_dir = archive or recorded_archive(read_run_meta(run_dir), run_dir)
     else:
         archive_dir = settings.archive_dir
         run_dir = run_dir or settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}"
@@ -552,16 +576,17 @@ def train_command(
         out.print("[bold yellow]SYNTHETIC archive, for demonstration only: no result on it means anything.[/]")
     out.print(f"{'Resuming' if resume else 'Training'} [bold]{settings.model if not resume else run_dir}[/] "
               f"on {archive_dir} ({len(opened.indices('train')):,} training images); run folder {run_dir}")
-    result = train(
-        opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
-        batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
-        class_balance=settings.class_balance, augment=settings.augment, extra_augment=settings.extra_augment,
-        vignette_augment=settings.vignette_augment,
-        early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
-        freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
-        weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
-        ood_flag_fraction=settings.ood_flag_fraction,
-    )
+    with terminate_as_interrupt():
+        result = train(
+            opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
+            batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
+            class_balance=settings.class_balance, augment=settings.augment, extra_augment=settings.extra_augment,
+            vignette_augment=settings.vignette_augment,
+            early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
+            freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
+            weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
+            ood_flag_fraction=settings.ood_flag_fraction,
+        )
     if result.status == "interrupted":
         console.print(f"[yellow]Interrupted after {result.epochs_done} complete epoch(s); the checkpoint is saved.[/] "
                       f"Continue with: melanoma train --resume --run-dir {run_dir}", highlight=False)
@@ -586,11 +611,11 @@ def evaluate_command(
     """Evaluate a run: metrics.json, figures, report.md and ISIC-format predictions in the run folder."""
     from melanoma.data.archive import open_archive
     from melanoma.modeling.evaluate import REPORT_FILE, evaluate_run
-    from melanoma.modeling.runs import read_run
+    from melanoma.modeling.runs import read_run, recorded_archive
 
     settings = settings_for(ctx, bootstrap_samples=bootstrap, target_sensitivity=target_sensitivity, calibration=calibration)
     info = read_run(run)
-    opened = open_archive(archive or Path(info.meta["archive"]["path"]))
+    opened = open_archive(archive or recorded_archive(info.meta, run))
     with console.status(f"Evaluating {run} on the {split} split ..."):
         metrics = evaluate_run(run, opened, split, target_sensitivity=settings.target_sensitivity,
                                bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, tta=tta,
@@ -772,21 +797,24 @@ def demo(
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the model at the end (--no-serve: stop after the report).")] = True,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: demo_epochs setting).")] = None,
     time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Training minutes at most (default: demo_time_limit_minutes).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an archive in archive_dir that the demo did not make.")] = False,
 ) -> None:
     """The whole pipeline in one go: prepare -> train (a few minutes) -> evaluate -> serve.
 
     Uses the data set in the data folder (MELANOMA_DATA_DIR); where there is none, a small
-    synthetic set, clearly labelled as such.
+    synthetic set, clearly labelled as such. An archive of other data in archive_dir is
+    replaced only if the demo made it (or with --force).
     """
     from datetime import datetime
 
     from melanoma.data.archive import open_archive
     from melanoma.data.sources import detect_source
     from melanoma.data.synthetic import make_synthetic_dataset
+    from melanoma.files import write_text
     from melanoma.serving.app import add_examples
 
     settings = settings_for(ctx, demo_epochs=epochs, demo_time_limit_minutes=time_limit)
-    data_dir = settings.data_dir
+    data_dir, synthetic = settings.data_dir, False
     try:
         out.print(f"[bold]1/4 Data[/]: a {detect_source(data_dir)} data set in {data_dir}.")
     except MelanomaError:
@@ -796,12 +824,16 @@ def demo(
             f"[bold yellow]Falling back to SYNTHETIC lesion-like images in {settings.synthetic_dir}: "
             "for demonstration only, no result on them means anything.[/]"
         )
-        data_dir = make_synthetic_dataset(settings.synthetic_dir, settings.demo_synthetic_per_class,
-                                          settings.seed, size=2 * settings.image_size)
-    # The demo owns its archive folder: an archive of another data set there is replaced.
-    header = settings.archive_dir / "header.json"
-    other_data = header.is_file() and Path(json.loads(header.read_text()).get("data_root", "")).resolve() != data_dir.resolve()
-    prepare(ctx, data_dirs=[data_dir], force=other_data)
+        data_dir, synthetic = settings.synthetic_dir, True
+    other_data = _archive_of_other_data(settings.archive_dir, data_dir)
+    if other_data and not (force or (settings.archive_dir / DEMO_MARKER).is_file()):
+        raise MelanomaError(f"{settings.archive_dir} holds an archive of {other_data} that the demo did not make; "
+                            f"the demo (on {data_dir}) would replace it.",
+                            hint="Set MELANOMA_ARCHIVE_DIR to another folder for the demo, or pass --force to replace it.")
+    if synthetic:
+        make_synthetic_dataset(data_dir, settings.demo_synthetic_per_class, settings.seed, size=2 * settings.image_size)
+    if not prepare(ctx, data_dirs=[data_dir], force=force or other_data is not None).reused:
+        write_text(settings.archive_dir / DEMO_MARKER, "Made by `melanoma demo`, which may replace this archive.\n")
 
     run_dir = settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-demo-{settings.model}"
     out.print(f"[bold]2/4 Train[/]: at most {settings.demo_epochs} epochs or {settings.demo_time_limit_minutes:g} minutes.")
@@ -815,6 +847,15 @@ def demo(
         return
     out.print("[bold]4/4 Serve[/].")
     serve_command(ctx, run=run_dir)
+
+
+def _archive_of_other_data(archive_dir: Path, data_dir: Path) -> Path | None:
+    """The data folder that the archive in ``archive_dir`` was built from, if not ``data_dir``."""
+    try:
+        recorded = Path(json.loads((archive_dir / "header.json").read_text())["data_root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no archive there (or a damaged one, which prepare itself refuses)
+    return None if recorded.resolve() == data_dir.resolve() else recorded
 
 
 def main() -> None:

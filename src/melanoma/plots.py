@@ -6,12 +6,13 @@ atomically as PNG and returns the path.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from melanoma.files import commit
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -31,8 +32,7 @@ def save_figure(figure: Figure, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_name(path.stem + ".partial.png")
     figure.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
-    return path
+    return commit(tmp, path)
 
 
 def confusion_matrix_figure(matrix: np.ndarray, classes: list[str], path: Path) -> Path:

@@ -10,11 +10,17 @@ so an interrupted run never leaves something that looks complete. Worker process
 decode images and write their rows straight into the memory-mapped ``images.npy``; the
 main process records which rows are done in ``progress.npz`` every few seconds, so that
 running again with the same inputs continues where the last run stopped.
+
+The folders it makes (``<out>.partial/``, the archive, and ``<out>.old/`` while an archive
+is replaced) hold a marker file: ``<out>.partial/`` and ``<out>.old/`` are deleted only with
+it, and anything else under those names stops the run. While a run writes, it holds a lock
+on ``<out>.partial/prepare.lock``, so a second run on the same ``--out`` stops at once.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -25,8 +31,10 @@ import platform
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +50,7 @@ from melanoma.data.preprocess import PreprocessParams, load_image
 from melanoma.data.sources import MANIFEST_COLUMNS, Dataset
 from melanoma.data.splits import SPLITS, grouped_split, split_by_condition
 from melanoma.errors import DataError, ImageError, MelanomaError
-from melanoma.modeling.runs import write_json
+from melanoma.files import fsync_path, write_json, write_text
 from melanoma.provenance import git_state
 
 FORMAT_VERSION = 1
@@ -54,6 +62,10 @@ MISSING_FILE = "missing.csv"
 # Only in <out>.partial/: what the partial images.npy was built from, and how far it got.
 FINGERPRINT_FILE = "fingerprint.txt"
 PROGRESS_FILE = "progress.npz"
+# In every folder build_archive makes: only folders with it are ever deleted or replaced.
+MARKER_FILE = ".melanoma-prepare"
+MARKER_TEXT = "Made by `melanoma prepare`, which may delete or replace this folder.\n"
+LOCK_FILE = "prepare.lock"  # in <out>.partial/, locked while a run writes there
 
 PENDING, DONE, SKIPPED = 0, 1, 2
 ROWS_PER_TASK = 64
@@ -137,49 +149,54 @@ def build_archive(
         "test_where": test_where,
     }
     fingerprint = _fingerprint(record, manifest)
-    if _existing_archive(out_dir, fingerprint, force):
-        return _summary(out_dir, open_archive(out_dir).header, started, resumed_rows=0, reused=True, notes=[])
-
     partial = out_dir.with_name(out_dir.name + ".partial")
-    shape = (len(manifest), params.image_size, params.image_size, 3)
-    had_partial = partial.exists()
-    status, reasons = _open_partial(partial, fingerprint, shape, force)
-    resumed_rows = int((status != PENDING).sum())
-    notes = []
-    if had_partial and not resumed_rows:
-        notes.append(f"Started over: the interrupted run in {partial} had other inputs or parameters (or --force).")
-    _fill_images(partial, manifest["path"].tolist(), params, status, reasons, workers, progress, resumed_rows)
+    resumable = (partial / FINGERPRINT_FILE).is_file()
+    with _locked(partial):
+        if _existing_archive(out_dir, fingerprint, force):
+            return _summary(out_dir, open_archive(out_dir).header, started, resumed_rows=0, reused=True, notes=[])
+        _check_made_here(_old(out_dir))  # before the work, not after it
+        shape = (len(manifest), params.image_size, params.image_size, 3)
+        status, reasons = _open_partial(partial, fingerprint, shape, force)
+        resumed_rows = int((status != PENDING).sum())
+        notes = []
+        if resumable and not resumed_rows:
+            notes.append(f"Started over: the interrupted run in {partial} had other inputs or parameters (or --force).")
+        _fill_images(partial, manifest["path"].tolist(), params, status, reasons, workers, progress, resumed_rows)
 
-    keep = status == DONE
-    if not keep.all():
-        _compact(partial / IMAGES_FILE, keep)
-    final = manifest.loc[keep].reset_index(drop=True)
-    skipped = pd.DataFrame({"path": manifest.loc[~keep, "path"], "reason": [reasons[r] for r in np.flatnonzero(~keep)]})
-    _write_csv(final, partial / MANIFEST_FILE)
-    _write_csv(skipped, partial / SKIPPED_FILE)
-    _write_csv(pd.DataFrame({"image_id": dataset.missing}), partial / MISSING_FILE)
-    header = {
-        **record,
-        "n_images": len(final),
-        "image_size": params.image_size,
-        "class_counts": {c: int((final["label"] == c).sum()) for c in dataset.classes},
-        "split_counts": {s: int((final["split"] == s).sum()) for s in SPLITS},
-        "split_class_counts": _counts(final, dataset.classes).to_dict(orient="index"),
-        "skipped": len(skipped),
-        "missing": len(dataset.missing),
-        "notes": dataset.notes,
-        "sha256": _sha256(partial / IMAGES_FILE),
-        "versions": _versions(),
-        "git": git_state(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": fingerprint,
-    }
-    for name in (FINGERPRINT_FILE, PROGRESS_FILE):
-        (partial / name).unlink()
-    write_dataset_card(partial, header, final, skipped, out_dir)
-    write_json(partial / HEADER_FILE, header)
-    _publish(partial, out_dir)
-    return _summary(out_dir, header, started, resumed_rows=resumed_rows, reused=False, notes=notes)
+        keep = status == DONE
+        if not keep.all():
+            _compact(partial / IMAGES_FILE, keep)
+        final = manifest.loc[keep].reset_index(drop=True)
+        # Files that failed to decode, then entries the reader found unusable (folders, broken links ...).
+        skipped = pd.DataFrame(
+            [*zip(manifest.loc[~keep, "path"], (reasons[r] for r in np.flatnonzero(~keep))), *dataset.skipped],
+            columns=["path", "reason"])
+        _write_csv(final, partial / MANIFEST_FILE)
+        _write_csv(skipped, partial / SKIPPED_FILE)
+        _write_csv(pd.DataFrame({"image_id": dataset.missing}), partial / MISSING_FILE)
+        header = {
+            **record,
+            "n_images": len(final),
+            "image_size": params.image_size,
+            "class_counts": {c: int((final["label"] == c).sum()) for c in dataset.classes},
+            "split_counts": {s: int((final["split"] == s).sum()) for s in SPLITS},
+            "split_class_counts": _counts(final, dataset.classes).to_dict(orient="index"),
+            "skipped": len(skipped),
+            "missing": len(dataset.missing),
+            "notes": dataset.notes,
+            "sha256": _sha256(partial / IMAGES_FILE),
+            "versions": _versions(),
+            "git": git_state(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "fingerprint": fingerprint,
+        }
+        for name in (FINGERPRINT_FILE, PROGRESS_FILE):
+            (partial / name).unlink()
+        write_dataset_card(partial, header, final, skipped, out_dir)
+        fsync_path(partial / IMAGES_FILE)  # on the disk before the header that vouches for it
+        write_json(partial / HEADER_FILE, header)
+        _publish(partial, out_dir)
+        return _summary(out_dir, header, started, resumed_rows=resumed_rows, reused=False, notes=notes)
 
 
 def open_archive(path: Path, *, verify: bool = False) -> Archive:
@@ -260,9 +277,20 @@ def _manifest_with_splits(dataset: Dataset, seed: int, val_fraction: float, test
 
 
 def _fingerprint(record: dict[str, Any], manifest: pd.DataFrame) -> str:
+    """What the archive is built from: the settings, the rows and each file's size and
+    modification time (so that an image changed in place is not taken for the old one)."""
     rows = manifest[["image_id", "label", "group_id", "split", "path"]].to_numpy().tolist()
-    text = json.dumps({"record": record, "rows": rows}, sort_keys=True, default=str)
+    files = [_file_version(path) for path in manifest["path"]]
+    text = json.dumps({"record": record, "rows": rows, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # unreadable: the worker will say why
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _existing_archive(out_dir: Path, fingerprint: str, force: bool) -> bool:
@@ -284,9 +312,62 @@ def _existing_archive(out_dir: Path, fingerprint: str, force: bool) -> bool:
     except (OSError, ValueError):
         same = False
     if not same:
-        raise DataError(f"{out_dir} already holds an archive built from other data or parameters.",
+        raise DataError(f"{out_dir} already holds an archive built from other data or parameters "
+                        "(or an image file changed since: its size or modification time differs).",
                         hint="Pass --force to replace it, or choose another --out.")
     return True
+
+
+def _old(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".old")
+
+
+def _check_made_here(folder: Path) -> None:
+    """Refuse to go on where ``folder`` exists but was not made by this module (no marker):
+    it may hold someone's files. An empty folder holds nothing to lose."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise DataError(f"{folder} exists and is not a folder made by `melanoma prepare`; it is left as it is.",
+                        hint="Move or delete it yourself, or choose another --out.")
+    if not (folder / MARKER_FILE).is_file() and any(folder.iterdir()):
+        raise DataError(f"{folder} exists but was not made by `melanoma prepare` (it has no {MARKER_FILE} file): "
+                        "it is left as it is.", hint="Move or delete it yourself, or choose another --out.")
+
+
+@contextmanager
+def _locked(partial: Path) -> Iterator[None]:
+    """Hold ``partial/prepare.lock`` for the duration, creating ``partial`` (with its
+    marker) if needed; a folder made here for nothing (an archive reused, an error) goes."""
+    _check_made_here(partial)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        if not (partial / MARKER_FILE).is_file():
+            (partial / MARKER_FILE).write_text(MARKER_TEXT)
+        fd = os.open(partial / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise DataError(f"Cannot write the archive next to {partial.parent}: {exc.strerror or exc}.",
+                        hint="Choose a writable --out folder.") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The other run may have published (moved) the folder between our open and lock.
+            moved = os.fstat(fd).st_ino != os.stat(partial / LOCK_FILE).st_ino
+        except (BlockingIOError, FileNotFoundError):
+            moved = None
+        if moved is not False:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise DataError(f"Another `melanoma prepare` (process {owner or 'unknown'}) is writing to {partial}.",
+                            hint="Wait for it to finish (or stop it), then run this command again.")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            if partial.is_dir() and {p.name for p in partial.iterdir()} <= {MARKER_FILE, LOCK_FILE}:
+                shutil.rmtree(partial)
+    finally:
+        os.close(fd)
 
 
 def _open_partial(partial: Path, fingerprint: str, shape: tuple[int, ...], force: bool) -> tuple[np.ndarray, dict[int, str]]:
@@ -305,14 +386,10 @@ def _open_partial(partial: Path, fingerprint: str, shape: tuple[int, ...], force
                 return status, reasons
         except (OSError, ValueError, KeyError):
             pass  # nothing usable was saved: start over
-    if partial.exists():
-        shutil.rmtree(partial)
-    try:
-        partial.mkdir(parents=True)
-        fingerprint_path.write_text(fingerprint)
-    except OSError as exc:
-        raise DataError(f"Cannot write the archive next to {partial.parent}: {exc.strerror or exc}.",
-                        hint="Choose a writable --out folder.") from None
+    for entry in partial.iterdir():  # start over, keeping the marker and the lock held
+        if entry.name not in (MARKER_FILE, LOCK_FILE):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    fingerprint_path.write_text(fingerprint)
     _allocate_images(partial / IMAGES_FILE, shape)
     status = np.zeros(shape[0], dtype=np.uint8)
     _save_progress(partial, status, {})
@@ -428,13 +505,17 @@ def _compact(path: Path, keep: np.ndarray) -> None:
 
 
 def _publish(partial: Path, out_dir: Path) -> None:
-    """Put the finished archive in place; an older one (``--force``) is removed after."""
-    old = out_dir.with_name(out_dir.name + ".old")
+    """Put the finished archive in place; an older one (``--force``) is removed after.
+
+    ``<out>.old`` was checked to be absent or made here before the work began."""
+    old = _old(out_dir)
     if old.exists():
         shutil.rmtree(old)
     if out_dir.exists():
         os.replace(out_dir, old)
+    (partial / LOCK_FILE).unlink()  # the lock stays held (open) until build_archive returns
     os.replace(partial, out_dir)
+    fsync_path(out_dir.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -448,9 +529,7 @@ def _counts(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_text(path, table.to_csv(index=False))
 
 
 def _sha256(path: Path) -> str:

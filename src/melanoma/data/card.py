@@ -9,11 +9,12 @@ command that rebuilds the archive.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from melanoma.files import write_text
 
 DATASET_CARD_FILE = "DATASET_CARD.md"
 SOURCE_COLUMN = "dataset"  # the clinic/collection of each image, where the reader knows it
@@ -142,11 +143,7 @@ def render_dataset_card(header: dict[str, Any], manifest: pd.DataFrame, skipped:
 def write_dataset_card(folder: Path, header: dict[str, Any], manifest: pd.DataFrame, skipped: pd.DataFrame,
                        out: Path | str) -> Path:
     """Write ``DATASET_CARD.md`` into ``folder`` (atomically) for the archive published at ``out``."""
-    path = Path(folder) / DATASET_CARD_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_dataset_card(header, manifest, skipped, out))
-    os.replace(tmp, path)
-    return path
+    return write_text(Path(folder) / DATASET_CARD_FILE, render_dataset_card(header, manifest, skipped, out))
 
 
 def _per_source(manifest: pd.DataFrame, source: str, classes: list[str]) -> pd.DataFrame:

@@ -24,15 +24,18 @@ for ISIC 2019 the collection its lesion id names (``ham10000``, ``bcn20000``) or
 into one label space, so that one archive can hold several sources and
 ``--test-where source=...`` gives leave-one-source-out splits.
 
-Structural problems (a CSV missing or malformed, a required column absent, duplicate or
-unknown ids, an unreadable folder) raise :class:`DataError` before any image is touched.
-A label row whose image file is absent is not an error: it is listed in
-``Dataset.missing``.
+Structural problems (a CSV missing or malformed, a required column absent or empty, a
+column named like one of the manifest's own, duplicate or unknown ids, two files for one
+image id, an unreadable folder) raise :class:`DataError` before any image is touched. A
+label row whose image file is absent is not an error: it is listed in ``Dataset.missing``;
+nor is an entry named like an image that cannot be one (a folder, a broken or looping
+symbolic link, a name that is not UTF-8): it is listed in ``Dataset.skipped``.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +66,8 @@ ISIC2019_TO_HAM = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AK": "akiec", "SCC":
 # ISIC 2019 lesion ids start with the collection they come from; the rest is the ISIC Archive.
 ISIC2019_LESION_SOURCES = {"HAM_": "ham10000", "BCN_": "bcn20000"}
 ISIC_ARCHIVE_SOURCE = "isic-archive"
+# Names a label or metadata CSV must not use: the manifest (and the archive's) own columns.
+RESERVED_COLUMNS = ("label", "label_index", "group_id", "split", "path")
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Dataset:
     manifest: pd.DataFrame
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): named like images, unusable
 
 
 def detect_source(root: Path) -> str:
@@ -161,13 +167,14 @@ def _read_isic2019(root: Path) -> Dataset:
     table["source"] = ISIC_ARCHIVE_SOURCE
     for prefix, name in ISIC2019_LESION_SOURCES.items():
         table.loc[table["group_id"].astype("string").str.startswith(prefix).fillna(False), "source"] = name
-    images = _index_images([root / ISIC2019_IMAGES], required=True)
-    return _finish(Dataset("isic2019", root, classes, table, notes=notes), images)
+    images, skipped = _index_images([root / ISIC2019_IMAGES], required=True)
+    return _finish(Dataset("isic2019", root, classes, table, notes=notes, skipped=skipped), images)
 
 
 def _read_ham10000(root: Path, isic2019_labels: Path | None) -> Dataset:
     metadata_path = root / HAM_METADATA
     table = _read_csv(metadata_path, required=["lesion_id", "image_id", "dx"], id_column="image_id")
+    _require_values(table, "dx", metadata_path, "image_id")
     table = table.rename(columns={"lesion_id": "group_id", "dx": "label"})
     notes = []
     sites_path = root / HAM_SITES
@@ -181,8 +188,8 @@ def _read_ham10000(root: Path, isic2019_labels: Path | None) -> Dataset:
     classes = sorted(table["label"].unique())
     if isic2019_labels is not None:
         classes = _relabel_from_isic2019(table, Path(isic2019_labels), metadata_path, notes)
-    images = _index_images([root / name for name in HAM_IMAGE_DIRS], required=True)
-    return _finish(Dataset("ham10000", root, classes, table, notes=notes), images)
+    images, skipped = _index_images([root / name for name in HAM_IMAGE_DIRS], required=True)
+    return _finish(Dataset("ham10000", root, classes, table, notes=notes, skipped=skipped), images)
 
 
 def _relabel_from_isic2019(table: pd.DataFrame, truth_path: Path, metadata_path: Path, notes: list[str]) -> list[str]:
@@ -229,8 +236,8 @@ def _read_isic2020(root: Path, target: str) -> Dataset:
     else:
         table["label"] = table["diagnosis"].fillna("unknown")
         classes = sorted(table["label"].unique())
-    images = _index_images([root / ISIC2020_IMAGES], required=True)
-    return _finish(Dataset("isic2020", root, classes, table), images)
+    images, skipped = _index_images([root / ISIC2020_IMAGES], required=True)
+    return _finish(Dataset("isic2020", root, classes, table, skipped=skipped), images)
 
 
 def _read_folder(root: Path) -> Dataset:
@@ -241,23 +248,45 @@ def _read_folder(root: Path) -> Dataset:
             f"{root} has no sub-folders with images (.jpg, .jpeg, .png).",
             hint="Put the images of each class in a sub-folder named after the class.",
         )
-    rows = []
+    rows, skipped, several = [], [], []
     for folder in folders:
-        for stem, path in sorted(_index_images([folder], required=True).items()):
-            rows.append({"image_id": stem, "label": folder.name, "group_id": pd.NA, "path": str(path)})
-    table = pd.DataFrame(rows)
+        if (name := _printable(folder.name)) != folder.name:
+            raise DataError(f"The class folder {_printable(str(folder))} has a name that is not valid UTF-8.",
+                            hint="Rename the folder: its name becomes the class name.")
+        files, unusable = _scan(folder)
+        skipped += unusable
+        stems = Counter(_stem(path) for path in files)
+        for path in sorted(files):
+            stem = _stem(path)
+            # x.jpg beside x.png: both kept, by their full names, in one group (so in one split).
+            if stems[stem] > 1:
+                several.append(f"{name}/{path.name}")
+            rows.append({"image_id": path.name if stems[stem] > 1 else stem, "label": name, "stem": stem,
+                         "group_id": f"{name}/{stem}" if stems[stem] > 1 else pd.NA, "path": str(path)})
+    table = pd.DataFrame(rows, columns=["image_id", "label", "stem", "group_id", "path"])
+    classes = [f.name for f in folders if f.name in set(table["label"])]
     notes = []
+    if len(classes) < len(folders):
+        empty = [f.name for f in folders if f.name not in classes]
+        notes.append(f"Folder(s) {', '.join(empty)} hold no usable image (see skipped.csv): not taken as classes.")
+    if several:
+        notes.append(
+            f"{len(several)} files share their name, not their extension, with another one in the same class folder "
+            f"(e.g. {', '.join(several[:4])}); kept under their full names, each such pair in one split. "
+            "Check they are not one image saved twice."
+        )
     # The same file name in two class folders: usually a copy filed under two labels.
-    duplicated = table["image_id"].duplicated(keep=False)
+    duplicated = table.groupby("stem")["label"].transform("nunique") > 1
     if duplicated.any():
-        names = sorted(table.loc[duplicated, "image_id"].unique())
+        names = sorted(table.loc[duplicated, "stem"].unique())
         notes.append(
             f"{len(names)} file name(s) appear in more than one class folder (e.g. {', '.join(names[:5])}); "
             "kept under ids '<class>/<name>'. Check they are not one image filed under two labels."
         )
         table.loc[duplicated, "image_id"] = table["label"] + "/" + table["image_id"]
+    table = table.drop(columns="stem")
     source = "synthetic" if (root / SYNTHETIC_MARKER).is_file() else "folder"
-    return _finish(Dataset(source, root, [f.name for f in folders], table, notes=notes), images=None)
+    return _finish(Dataset(source, root, classes, table, notes=notes, skipped=skipped), images=None)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -279,10 +308,11 @@ def _read_csv(path: Path, *, required: list[str], id_column: str) -> pd.DataFram
             f"{path} lacks the column(s) {', '.join(absent)} (it has: {', '.join(table.columns)}).",
             hint="Use the file as distributed, or rename its columns to the expected names.",
         )
-    table[id_column] = table[id_column].str.strip()
-    if table[id_column].isna().any():
-        raise DataError(f"{path} has {int(table[id_column].isna().sum())} row(s) without an {id_column}.",
-                        hint="Remove or fill those rows.")
+    reserved = [c for c in table.columns if c in RESERVED_COLUMNS]
+    if reserved:
+        raise DataError(f"{path} has a column named {', '.join(map(repr, reserved))}: the manifest names one of its own "
+                        "columns so.", hint="Rename or remove that column.")
+    _require_values(table, id_column, path)
     duplicates = table.loc[table[id_column].duplicated(), id_column]
     if len(duplicates):
         raise DataError(
@@ -308,6 +338,16 @@ def _one_hot_labels(truth: pd.DataFrame, path: Path) -> tuple[list[str], list[st
     return list(onehot.idxmax(axis=1)), classes
 
 
+def _require_values(table: pd.DataFrame, column: str, path: Path, id_column: str | None = None) -> None:
+    """Refuse empty cells in ``column`` (stripped of spaces), naming a few rows by ``id_column``."""
+    table[column] = table[column].str.strip().replace("", pd.NA)
+    empty = table[column].isna()
+    if empty.any():
+        example = f" (e.g. {', '.join(table.loc[empty, id_column].astype(str)[:3])})" if id_column else ""
+        raise DataError(f"{path} has {int(empty.sum())} row(s) without a {column}{example}.",
+                        hint="Fill in or remove those rows.")
+
+
 def _reject_unknown_ids(ids: pd.Series, known: pd.Series, path: Path, reference: Path) -> None:
     unknown = ids[~ids.isin(known)]
     if len(unknown):
@@ -324,17 +364,54 @@ def _require_dir(path: Path, what: str) -> None:
         raise DataError(f"The {what} {path} cannot be read (permission denied).", hint="Fix its permissions.")
 
 
-def _image_files(folder: Path) -> list[os.DirEntry]:
+def _printable(text: str) -> str:
+    """A path as it can be written to UTF-8 files and terminals: undecodable bytes as \\xNN."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _stem(path: Path) -> str:
+    return os.path.splitext(path.name)[0]
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files in ``folder``, and (path, reason) for each entry named like an image
+    that cannot be one. Hidden entries and other names are ignored."""
+    files, unusable = [], []
     try:
         with os.scandir(folder) as entries:
-            return [e for e in entries
-                    if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()]
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                reason = _unusable(entry)
+                if reason is None:
+                    files.append(Path(entry.path))
+                else:
+                    unusable.append((_printable(entry.path), reason))
     except OSError as exc:
         raise DataError(f"The image folder {folder} cannot be read: {exc.strerror}.", hint="Fix its permissions.") from None
+    return files, unusable
 
 
-def _index_images(folders: list[Path], *, required: bool) -> dict[str, Path]:
-    """Map image id (file name without extension) -> path, over ``folders``."""
+def _unusable(entry: os.DirEntry) -> str | None:
+    """Why an entry named like an image cannot be used as one, or None if it can."""
+    if _printable(entry.path) != entry.path:
+        return "its path is not valid UTF-8 (rename it)"
+    try:
+        if entry.is_file():
+            return None
+        if entry.is_dir():
+            return "is a folder, not an image file"
+        os.stat(entry.path)  # raises for a symbolic link that leads nowhere
+        return "not a regular file"
+    except FileNotFoundError:
+        return f"broken symbolic link (its target {_printable(os.readlink(entry.path))} does not exist)"
+    except OSError as exc:  # e.g. a symbolic link that points back at itself
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def _index_images(folders: list[Path], *, required: bool) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Map image id (file name without extension) -> path, over ``folders``; also the
+    unusable entries. Two files for one id are refused: which one is labelled is unclear."""
     present = [f for f in folders if f.is_dir()]
     if required and not present:
         raise DataError(
@@ -342,10 +419,19 @@ def _index_images(folders: list[Path], *, required: bool) -> dict[str, Path]:
             hint="Unpack the images of the data set there, as distributed.",
         )
     index: dict[str, Path] = {}
+    skipped: list[tuple[str, str]] = []
+    clashes = []
     for folder in present:
-        for entry in _image_files(folder):
-            index.setdefault(os.path.splitext(entry.name)[0], Path(entry.path))
-    return index
+        files, unusable = _scan(folder)
+        skipped += unusable
+        for path in sorted(files):
+            if _stem(path) in index:
+                clashes.append(f"{index[_stem(path)]} and {path.name}")
+            index.setdefault(_stem(path), path)
+    if clashes:
+        raise DataError(f"{len(clashes)} image id(s) have more than one file (e.g. {'; '.join(clashes[:3])}): "
+                        "which one the label is for is unclear.", hint="Keep one file per image id.")
+    return index, skipped
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -353,7 +439,7 @@ def _class_folders(root: Path) -> list[Path]:
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as exc:
         raise DataError(f"The data folder {root} cannot be read: {exc.strerror}.", hint="Fix its permissions.") from None
-    return [d for d in subdirs if _image_files(d)]
+    return [d for d in subdirs if any(_scan(d))]  # with images, or entries named like images
 
 
 def _finish(dataset: Dataset, images: dict[str, Path] | None) -> Dataset:
@@ -409,7 +495,8 @@ def _joined(datasets: list[Dataset]) -> Dataset:
     table = table.loc[~repeated].sort_values("image_id", kind="stable").reset_index(drop=True)
     classes = list(first.classes) + sorted(set(table["label"]) - set(first.classes))
     missing = sorted({i for dataset in datasets for i in dataset.missing} - set(table["image_id"]))
-    return Dataset("+".join(d.source for d in datasets), first.root, classes, table, missing, notes)
+    skipped = [entry for dataset in datasets for entry in dataset.skipped]
+    return Dataset("+".join(d.source for d in datasets), first.root, classes, table, missing, notes, skipped)
 
 
 def _in_label_space(dataset: Dataset, reference: Dataset) -> pd.DataFrame:

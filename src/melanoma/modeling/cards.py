@@ -12,11 +12,11 @@ calibration, known failure modes, and the commands that reproduce the run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from melanoma.data.card import licence, prepare_command, preprocessing_text
+from melanoma.files import write_text
 from melanoma.modeling.runs import METRICS_FILE, read_run_meta
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -113,11 +113,7 @@ def render_model_card(run_dir: Path, archive_header: dict[str, Any]) -> str:
 
 def write_model_card(run_dir: Path, archive_header: dict[str, Any]) -> Path:
     """Write (or refresh) the run's ``MODEL_CARD.md``, atomically."""
-    path = Path(run_dir) / MODEL_CARD_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_model_card(run_dir, archive_header))
-    os.replace(tmp, path)
-    return path
+    return write_text(Path(run_dir) / MODEL_CARD_FILE, render_model_card(run_dir, archive_header))
 
 
 def _details(meta: dict[str, Any], versions: dict[str, Any]) -> list[str]:

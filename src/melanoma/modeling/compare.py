@@ -35,7 +35,8 @@ from melanoma.modeling.evaluate import (
     one_vs_rest_auc,
     percentile_interval,
 )
-from melanoma.modeling.runs import RunInfo, read_run, write_json
+from melanoma.files import write_json
+from melanoma.modeling.runs import RunInfo, read_run
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -325,7 +326,7 @@ def check_out_file(path: Path) -> None:
 
 def write_comparison(result: dict[str, Any], path: Path) -> Path:
     """Write the comparison as JSON or Markdown, by the suffix of ``path``, atomically."""
-    from melanoma.modeling.predict import write_text
+    from melanoma.files import write_text
 
     path = Path(path)
     check_out_file(path)

@@ -31,7 +31,8 @@ import numpy as np
 
 from melanoma.errors import ModelError
 from melanoma.modeling.predict import load_keras_model
-from melanoma.modeling.runs import MODEL_FILE, RUN_FILE, RunInfo, read_run, write_json
+from melanoma.files import write_json
+from melanoma.modeling.runs import MODEL_FILE, RUN_FILE, RunInfo, read_run
 
 if TYPE_CHECKING:
     import keras

@@ -27,7 +27,6 @@ and NLL before and after, with a reliability diagram of each.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,9 +49,10 @@ from sklearn.metrics import (
 
 from melanoma.config import ISIC2019_CLASSES, MELANOMA_LABELS, NEVUS_LABELS
 from melanoma.errors import ModelError
+from melanoma.files import write_json, write_text
 from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.cards import fmt, fmt_ci, train_command, write_model_card
-from melanoma.modeling.runs import METRICS_FILE, read_run, write_json
+from melanoma.modeling.runs import METRICS_FILE, read_run
 
 if TYPE_CHECKING:
     from melanoma.data.archive import Archive
@@ -419,16 +419,15 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     ``report.md`` and ``predictions_<split>.csv`` into the run folder; return the metrics.
     ``tta`` averages every prediction, validation ones included, over 8 flips/rotations.
     ``calibration`` applies the run's temperature (where fitted) to every probability."""
-    import keras
-
     from melanoma import plots
+    from melanoma.modeling.predict import load_keras_model  # clear ModelError for a damaged file
 
     run = read_run(run_dir)
     check_archive(run.meta, archive)
     rows, val_rows = archive.indices(split), archive.indices("val")
     if len(rows) == 0:
         raise ModelError(f"The archive {archive.path} has no images in its {split!r} split.")
-    model = keras.models.load_model(run.model_path, compile=False)
+    model = load_keras_model(run.model_path)
     temperature = run.temperature if calibration else 1.0
 
     def predict(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -480,7 +479,7 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     _write_csv(truth_table(predictions["image"].tolist(), labels, classes), run_dir / metrics["ground_truth"])
     metrics = _json_safe(metrics)
     write_json(run_dir / METRICS_FILE, metrics)
-    _write_text(run_dir / REPORT_FILE, render_report(run.meta, metrics, archive, run_dir))
+    write_text(run_dir / REPORT_FILE, render_report(run.meta, metrics, archive, run_dir))
     write_model_card(run_dir, archive.header)
     return metrics
 
@@ -632,14 +631,6 @@ def _fmt_count(value: int | None) -> str:
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     # Every probability is written as a float ("0.0", not "0"), as the ISIC scorer requires, and
     # in full (shortest round-trip form), so that scoring the file reproduces metrics.json.
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, table.to_csv(index=False))

@@ -12,7 +12,6 @@ ONNX engine scores images with the run's out-of-distribution gate as the Keras o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -22,6 +21,7 @@ import numpy as np
 
 from melanoma.data.card import preprocessing_text
 from melanoma.errors import MelanomaError, ModelError
+from melanoma.files import commit
 from melanoma.modeling.predict import ONNX_FILE, load_keras_model, with_features
 from melanoma.modeling.runs import RunInfo, read_run
 from melanoma.provenance import git_state
@@ -49,7 +49,7 @@ def export_model(run_dir: Path, export_format: str = "onnx") -> Path:
         except Exception as exc:  # tf2onnx raises many types for unsupported operations
             raise ModelError(f"Model {run.model_path} cannot be exported to ONNX: {exc}") from None
         _add_metadata(partial, onnx_metadata(run))
-        os.replace(partial, target)
+        commit(partial, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -20,13 +20,13 @@ feature vectors, float16), the threshold in ``run.json``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from melanoma.errors import ModelError
+from melanoma.files import commit
 
 OOD_FILE = "ood.npz"
 METHOD = "knn-cosine"
@@ -85,8 +85,7 @@ class NeighbourGate:
         path = Path(run_dir) / OOD_FILE
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, reference=self.reference.astype(np.float16), k=self.k)
-        os.replace(tmp, path)
-        return path
+        return commit(tmp, path)
 
     @classmethod
     def load(cls, run_dir: Path, threshold: float) -> NeighbourGate:

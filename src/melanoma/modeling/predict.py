@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -306,14 +305,6 @@ def _onnx_session(run: RunInfo, *, needs_features: bool) -> Infer:
                              "gate needs.", hint=f"Export it again with `melanoma export --run {run.path}`.")
         return lambda x: (session.run(None, {model_input.name: x})[0], None)
     return lambda x: tuple(session.run(None, {model_input.name: x})[:2])
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write a text file atomically (``name.tmp``, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def predictions_text(paths: Sequence[Path], probabilities: np.ndarray, classes: Sequence[str], fmt: str, *,

@@ -22,7 +22,8 @@ from melanoma.modeling.calibration import fit_temperature, negative_log_likeliho
 from melanoma.modeling.evaluate import check_archive, expected_calibration_error
 from melanoma.modeling.ood import METHOD, OOD_FILE, NeighbourGate
 from melanoma.modeling.predict import HEAD_LAYER, Predictor
-from melanoma.modeling.runs import RUN_FILE, read_run_meta, write_json
+from melanoma.files import write_json
+from melanoma.modeling.runs import RUN_FILE, read_run_meta
 
 if TYPE_CHECKING:
     from melanoma.data.archive import Archive

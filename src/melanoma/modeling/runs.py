@@ -42,13 +42,6 @@ class RunInfo:
         return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically, so that a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
     """The run's ``run.json`` (also of an unfinished run), with a clear error if absent or corrupt."""
     run_dir = Path(run_dir)
@@ -64,6 +57,16 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ModelError(f"{meta_path} is corrupt: not a JSON object.")
     return meta
+
+
+def recorded_archive(meta: dict[str, Any], run_dir: Path) -> Path:
+    """The archive a run was trained on, as its ``run.json`` records it."""
+    try:
+        return Path(meta["archive"]["path"])
+    except (KeyError, TypeError):
+        raise ModelError(f"{Path(run_dir) / RUN_FILE} does not record the archive the run was trained on "
+                         "(no archive.path): it is damaged or from another version.",
+                         hint="Name the archive with --archive.") from None
 
 
 def read_run(run_dir: Path) -> RunInfo:

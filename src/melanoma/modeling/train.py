@@ -37,8 +37,8 @@ the weights it had reached).
 
 from __future__ import annotations
 
+import csv
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -55,10 +55,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from melanoma.config import DEFAULT_OOD_FLAG_FRACTION
 from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
+from melanoma.files import commit, write_json, write_text
 from melanoma.modeling.cards import write_model_card
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
-from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, training_process, write_json
+from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, training_process
 from melanoma.provenance import git_state
 
 CONFIG_FILE = "config.json"
@@ -364,10 +365,10 @@ class RunCheckpoint(keras.callbacks.Callback):
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename (atomic)."""
+    """``model.save`` to a temporary ``.keras`` file, then rename (atomic and durable)."""
     tmp = path.with_name(path.stem + ".partial.keras")
     model.save(tmp)
-    os.replace(tmp, path)
+    commit(tmp, path)
 
 
 # --------------------------------------------------------------------------- train
@@ -406,10 +407,10 @@ def train(
     ``weights`` None means :func:`~melanoma.modeling.models.default_weights` of the model.
     ``freeze_epochs`` applies to pretrained backbones only (``weights`` not "none"): their
     head trains alone for that many epochs at ``learning_rate``, then the whole network at a
-    tenth of it (also from the start when ``freeze_epochs`` is 0). Ctrl-C saves ``last.keras``,
-    marks the run "interrupted" and returns (status "interrupted"). A completed run then gets
-    its temperature and out-of-distribution gate (``ood_flag_fraction`` of the validation
-    images flagged).
+    tenth of it (also from the start when ``freeze_epochs`` is 0). Ctrl-C (KeyboardInterrupt)
+    saves ``last.keras``, marks the run "interrupted" and returns (status "interrupted"). A
+    completed run then gets its temperature and out-of-distribution gate
+    (``ood_flag_fraction`` of the validation images flagged).
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
@@ -423,6 +424,7 @@ def train(
         options = meta["training"]
         keras.utils.set_random_seed(options["seed"])
         trainer = _load_trainer(run_dir / LAST_FILE)
+        trim_history(run_dir / HISTORY_FILE, int(meta["epochs_done"]))
         meta.update(status=RUNNING, process=training_process())
         write_json(run_dir / RUN_FILE, meta)
     else:
@@ -585,14 +587,34 @@ def _load_trainer(path: Path) -> keras.Model:
         raise ModelError(f"Cannot resume: {path} cannot be loaded: {exc}") from None
 
 
+def trim_history(path: Path, epochs_done: int) -> None:
+    """Drop the history rows of epochs after the checkpoint: a run stopped between the CSV
+    logger and the checkpoint has logged an epoch that the resumed run will train again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    rows = list(csv.reader(lines))
+    if not rows or "epoch" not in rows[0]:
+        return
+    column = rows[0].index("epoch")
+    kept = [line for line, row in zip(lines[1:], rows[1:]) if row and int(row[column]) < epochs_done]
+    if len(kept) < len(lines) - 1:
+        write_text(path, "".join([lines[0], *kept]))
+
+
 def _meta_to_resume(run_dir: Path, archive: Archive) -> dict[str, Any]:
     meta = read_run_meta(run_dir)
     if meta.get("status") == COMPLETE:
         raise ModelError(f"The run in {run_dir} is already complete: there is nothing to resume.",
                          hint="Train into a new --run-dir.")
-    if meta["archive"]["sha256"] != archive.header["sha256"]:
-        raise ModelError(f"Cannot resume {run_dir}: it was trained on another archive ({meta['archive']['path']}).",
-                         hint=f"Pass --archive {meta['archive']['path']}.")
+    try:
+        trained_on, _, _ = meta["archive"]["sha256"], meta["training"], int(meta["epochs_done"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"Cannot resume {run_dir}: its {RUN_FILE} lacks {exc} (damaged, or written by another "
+                         "version).", hint="Train into a new --run-dir.") from None
+    if trained_on != archive.header["sha256"]:
+        raise ModelError(f"Cannot resume {run_dir}: it was trained on another archive ({meta['archive'].get('path')}).",
+                         hint=f"Pass --archive {meta['archive'].get('path')}.")
     return meta
 
 
@@ -622,10 +644,7 @@ def _start_run(run_dir: Path, archive: Archive, options: dict[str, Any], setting
     }
     write_json(run_dir / CONFIG_FILE, settings_dump)
     write_json(run_dir / VERSIONS_FILE, _library_versions())
-    split = archive.manifest[["image_id", "split"]]
-    tmp = run_dir / (SPLIT_FILE + ".tmp")
-    split.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / SPLIT_FILE)
+    write_text(run_dir / SPLIT_FILE, archive.manifest[["image_id", "split"]].to_csv(index=False))
     write_json(run_dir / RUN_FILE, meta)
     return meta
 
