@@ -14,50 +14,35 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from test_serving_server import free_port, wait_until_ready
+from live_server import LiveServer, free_port, wait_until_ready
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 LIME_SAMPLES = "200"
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-
-def start_server(run: Path, log: Path) -> Server:
+def start_server(run: Path, log: Path) -> LiveServer:
+    """A real `melanoma serve` that a test may stop (or kill) itself."""
     port = free_port()
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "melanoma", "serve", "--run", str(run), "--port", str(port)],
             stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    wait_until_ready(server.url, process, log)
+    server = LiveServer(f"http://127.0.0.1:{port}", port, process, log)
+    wait_until_ready(server)
     return server
 
 
-def stop(server: Server) -> int:
-    server.process.send_signal(signal.SIGINT)
-    try:
-        return server.process.wait(60)
-    finally:
-        server.process.kill()
-
-
 @pytest.fixture(scope="module")
-def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     running = start_server(trained_run, tmp_path_factory.mktemp("server") / "server.log")
     yield running
-    assert stop(running) == 0
+    assert running.stop() == 0
     assert "Traceback" not in running.log.read_text()
 
 
@@ -121,7 +106,7 @@ def lying_request(url: str, body: bytes, content_type: str, declared_length: int
     return read_answer(sock)
 
 
-def test_lying_content_length_over_real_http(server: Server, ham_images_by_class: dict[str, Path]) -> None:
+def test_lying_content_length_over_real_http(server: LiveServer, ham_images_by_class: dict[str, Path]) -> None:
     image = next(iter(ham_images_by_class.values())).read_bytes()
     body, content_type = multipart(image)
     answers = {
@@ -143,7 +128,7 @@ def test_lying_content_length_over_real_http(server: Server, ham_images_by_class
     assert ok.status_code == 200
 
 
-def test_several_lime_requests_at_once(server: Server, ham_images_by_class: dict[str, Path]) -> None:
+def test_several_lime_requests_at_once(server: LiveServer, ham_images_by_class: dict[str, Path]) -> None:
     images = list(ham_images_by_class.values())[:2]
     responses: dict[int, httpx.Response] = {}
 
@@ -200,9 +185,6 @@ def test_shutdown_with_requests_in_flight(trained_run: Path, ham_images_by_class
         assert_clear(*answer)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug, left to issue 10 (server deadlines): uvicorn cancels the requests still running "
-    "timeout_graceful_shutdown=5 s after the signal and answers them 500, with a traceback in the log"))
 def test_shutdown_with_explanations_running_past_the_grace_period(
         trained_run: Path, ham_images_by_class: dict[str, Path], tmp_path: Path) -> None:
     server = start_server(trained_run, tmp_path / "server.log")
@@ -224,7 +206,7 @@ def test_shutdown_with_explanations_running_past_the_grace_period(
         for thread in threads:
             thread.start()
         wait_for_in_flight(server.url, 2)
-        code = stop(server)
+        code = server.stop()
     finally:
         server.process.kill()
     for thread in threads:
