@@ -213,9 +213,13 @@ def test_shutdown_with_explanations_running_past_the_grace_period(
         thread.join(300)
     text = server.log.read_text()
     assert code == 0 and "Traceback" not in text, text[-3000:]
-    for response in outcomes.values():
-        if isinstance(response, httpx.Response):
-            assert_clear(response.status_code, response.headers.get("content-type", ""), response.content)
+    answered = [response for response in outcomes.values() if isinstance(response, httpx.Response)]
+    # Beyond max_concurrent_explanations the server refuses at once (JSON 503 with Retry-After);
+    # every explanation it accepted is finished before it stops.
+    busy = [r for r in answered if r.status_code == 503 and r.json()["error"] == "busy" and "retry-after" in r.headers]
+    assert [r.status_code for r in answered if r not in busy] == [200] * (len(answered) - len(busy)), \
+        [(r.status_code, r.content[:200]) for r in answered]
+    assert len(answered) - len(busy) >= 2
 
 
 def wait_for_in_flight(url: str, n: int) -> None:
