@@ -39,8 +39,16 @@ def _global_options(
         Optional[Path],
         typer.Option("--config", "-c", envvar="MELANOMA_CONFIG", help="TOML file with settings (see `melanoma config show`)."),
     ] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(help="Keras backend: tensorflow (fastest on a CPU) or jax (data-parallel training on "
+                     "several devices or hosts; docs/scale-out.md). Default: backend setting."),
+    ] = None,
 ) -> None:
+    from melanoma.modeling.distribute import use_backend
+
     ctx.obj = {"config": config}
+    use_backend(load_settings(config, backend=backend).backend)  # before anything imports Keras
 
 
 def settings_for(ctx: typer.Context, **flags: Any) -> Settings:
@@ -282,8 +290,14 @@ def predict(
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips/rotations of each image.")] = False,
     engine: Annotated[str, typer.Option(help="keras, or onnx (needs `melanoma export`).")] = "keras",
     max_pixels: MaxPixelsOption = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="I/N: classify only part I (from 0) of N of the sorted images, for a scheduler's array "
+                     "job; the N outputs, concatenated in order, are the table of one run."),
+    ] = None,
 ) -> None:
     """Classify images with a trained run. Unreadable files are reported and skipped."""
+    from melanoma.modeling.distribute import shard_of
     from melanoma.modeling.predict import Predictor, predictions_text, write_text
 
     settings = settings_for(ctx, max_pixels=max_pixels)
@@ -298,6 +312,8 @@ def predict(
         paths += sorted(p for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise MelanomaError("No images given.", hint="Name image files, or a folder with --input-dir.")
+    if shard:
+        paths = shard_of(paths, shard)
     predictor = Predictor.from_run(run, engine=engine, max_pixels=settings.max_pixels)
     with _progress() as progress:
         task = progress.add_task("Predicting", total=len(paths), visible=input_dir is not None)
@@ -444,6 +460,19 @@ def train_command(
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Pretrained backbones: epochs that train the new head only.")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --run-dir.")] = False,
+    distribute: Annotated[
+        Optional[str], typer.Option(help="data-parallel: across all devices of the job (JAX backend; "
+                                    "--batch-size is then the global batch). See docs/scale-out.md.")
+    ] = None,
+    num_processes: Annotated[
+        Optional[int], typer.Option(envvar="KERAS_DISTRIBUTION_NUM_PROCESSES", help="Processes of a multi-process job.")
+    ] = None,
+    process_id: Annotated[
+        Optional[int], typer.Option(envvar="KERAS_DISTRIBUTION_PROCESS_ID", help="This process's number, 0 to N-1 (0 writes the run).")
+    ] = None,
+    coordinator: Annotated[
+        Optional[str], typer.Option(envvar="KERAS_DISTRIBUTION_JOB_ADDRESSES", help="HOST:PORT of process 0.")
+    ] = None,
 ) -> None:
     """Train a model on an archive; the best model by validation balanced accuracy goes to <run>/model.keras.
 
@@ -452,6 +481,7 @@ def train_command(
     from datetime import datetime
 
     from melanoma.data.archive import open_archive
+    from melanoma.modeling.distribute import describe_engine, engine_info, job_from, process_run_dir, start_data_parallel
     from melanoma.modeling.runs import read_run_meta
     from melanoma.modeling.train import train
 
@@ -467,19 +497,31 @@ def train_command(
     else:
         archive_dir = settings.archive_dir
         run_dir = run_dir or settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}"
+    parallel = None
+    if distribute is not None:
+        if distribute != "data-parallel":
+            raise MelanomaError(f"Unknown --distribute {distribute!r}: the choice is data-parallel.")
+        parallel = start_data_parallel(job_from(num_processes, process_id, coordinator, os.environ))
+    elif (num_processes, process_id, coordinator) != (None, None, None):
+        raise MelanomaError("A multi-process job (--num-processes, --process-id, --coordinator or KERAS_DISTRIBUTION_*) "
+                            "needs --distribute data-parallel.")
+    this_process = f" (this is process {parallel.process_index})" if parallel and parallel.process_count > 1 else ""
+    out.print(f"Engine: {describe_engine(engine_info(parallel))}{this_process}", highlight=False)
     opened = open_archive(archive_dir)
     if opened.header.get("synthetic"):
         out.print("[bold yellow]SYNTHETIC archive, for demonstration only: no result on it means anything.[/]")
     out.print(f"{'Resuming' if resume else 'Training'} [bold]{settings.model if not resume else run_dir}[/] "
               f"on {archive_dir} ({len(opened.indices('train')):,} training images); run folder {run_dir}")
-    result = train(
-        opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
-        batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
-        class_balance=settings.class_balance, augment=settings.augment,
-        early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
-        freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
-        weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
-    )
+    with process_run_dir(run_dir, parallel, resume) as own_dir:  # process 0 writes the run folder
+        result = train(
+            opened, own_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
+            batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
+            class_balance=settings.class_balance, augment=settings.augment,
+            early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
+            freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
+            weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
+            parallel=parallel, progress=parallel is None or parallel.is_chief,
+        )
     if result.status == "interrupted":
         console.print(f"[yellow]Interrupted after {result.epochs_done} complete epoch(s); the checkpoint is saved.[/] "
                       f"Continue with: melanoma train --resume --run-dir {run_dir}", highlight=False)
@@ -640,10 +682,9 @@ def demo(
 
 def main() -> None:
     """Console-script entry point: user mistakes become one clear message and exit 2."""
-    # TensorFlow's C++ start-up chatter hides the output researchers read; Keras runs on
-    # TensorFlow unless the user chose another backend.
+    # TensorFlow's C++ start-up chatter hides the output researchers read (the backend is
+    # chosen by the --backend option, before Keras is imported).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     try:
         app()
     except MelanomaError as exc:
