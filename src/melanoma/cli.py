@@ -481,7 +481,7 @@ def train_command(
     from datetime import datetime
 
     from melanoma.data.archive import open_archive
-    from melanoma.modeling.distribute import describe_engine, engine_info, job_from, process_run_dir, start_data_parallel
+    from melanoma.modeling.distribute import describe_engine, engine_info, parallel_job, process_run_dir
     from melanoma.modeling.runs import read_run_meta
     from melanoma.modeling.train import train
 
@@ -497,16 +497,8 @@ def train_command(
     else:
         archive_dir = settings.archive_dir
         run_dir = run_dir or settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}"
-    parallel = None
-    if distribute is not None:
-        if distribute != "data-parallel":
-            raise MelanomaError(f"Unknown --distribute {distribute!r}: the choice is data-parallel.")
-        parallel = start_data_parallel(job_from(num_processes, process_id, coordinator, os.environ))
-    elif (num_processes, process_id, coordinator) != (None, None, None):
-        raise MelanomaError("A multi-process job (--num-processes, --process-id, --coordinator or KERAS_DISTRIBUTION_*) "
-                            "needs --distribute data-parallel.")
-    this_process = f" (this is process {parallel.process_index})" if parallel and parallel.process_count > 1 else ""
-    out.print(f"Engine: {describe_engine(engine_info(parallel))}{this_process}", highlight=False)
+    parallel = parallel_job(distribute, num_processes, process_id, coordinator, os.environ)
+    out.print(f"Engine: {describe_engine(engine_info(parallel), parallel)}", highlight=False)
     opened = open_archive(archive_dir)
     if opened.header.get("synthetic"):
         out.print("[bold yellow]SYNTHETIC archive, for demonstration only: no result on it means anything.[/]")

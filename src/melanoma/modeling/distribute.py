@@ -77,14 +77,34 @@ def engine_info(parallel: Parallel | None = None) -> dict[str, Any]:
     return info
 
 
-def describe_engine(info: dict[str, Any]) -> str:
+def describe_engine(info: dict[str, Any], parallel: Parallel | None = None) -> str:
     """One line for the terminal, from :func:`engine_info`."""
     devices = info["devices"]
     line = f"Keras {info['keras']} on {info['backend']} {info['backend_version'] or ''}".rstrip()
     line += f", {len(devices)} device{'s' if len(devices) != 1 else ''} ({', '.join(devices)})"
     if info["distribute"]:
         line += f", {info['distribute']} across {info['processes']} process{'es' if info['processes'] != 1 else ''}"
+    if parallel is not None and parallel.process_count > 1:
+        line += f" (this is process {parallel.process_index})"
     return line
+
+
+def use_xla(model: Any) -> bool:
+    """Whether to compile ``model``'s training step with XLA (``jit_compile``).
+
+    Not on TensorFlow: XLA makes these convolutions several times slower on a CPU. Always
+    on JAX, which without jit runs the step op by op; Keras marks RandomRotation and
+    RandomZoom as not compilable for TensorFlow's sake, but their JAX versions compile, so
+    they are marked compilable here.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return False
+    for layer in model._flatten_layers():
+        if isinstance(layer, (keras.layers.RandomRotation, keras.layers.RandomZoom)):
+            layer.supports_jit = True
+    return True
 
 
 def _local_devices(backend: str) -> list[str]:
@@ -217,6 +237,20 @@ def start_data_parallel(job: Job | None) -> Parallel:
     # Each process feeds its own Shard of the archive rows (ArchiveFeed), so Keras must not shard again.
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=list(devices), auto_shard_dataset=False))
     return Parallel(jax.process_index(), jax.process_count(), devices)
+
+
+def parallel_job(distribute: str | None, num_processes: int | None, process_id: int | None, coordinator: str | None,
+                 environ: Mapping[str, str]) -> Parallel | None:
+    """The train command's ``--distribute`` and job options, set up (:func:`start_data_parallel`);
+    None: train on one device."""
+    if distribute is None:
+        if (num_processes, process_id, coordinator) != (None, None, None):
+            raise MelanomaError("A multi-process job (--num-processes, --process-id, --coordinator or "
+                                "KERAS_DISTRIBUTION_*) needs --distribute data-parallel.")
+        return None
+    if distribute not in DISTRIBUTIONS:
+        raise MelanomaError(f"Unknown --distribute {distribute!r}: choose one of {', '.join(DISTRIBUTIONS)}.")
+    return start_data_parallel(job_from(num_processes, process_id, coordinator, environ))
 
 
 @contextmanager

@@ -54,7 +54,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
-from melanoma.modeling.distribute import Parallel, ReplicatedPredict, Shard, engine_info
+from melanoma.modeling.distribute import Parallel, ReplicatedPredict, Shard, engine_info, use_xla
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
 from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, write_json
@@ -105,8 +105,7 @@ class ArchiveFeed(keras.utils.PyDataset):
         # grew to 7.8 GB when training from 25,000 images at 224 px.
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
         self.images, self.labels, self.rows = images, labels, np.asarray(rows)
-        self.shuffle, self.seed = shuffle, seed
-        self.global_batch, self.shard = batch_size, shard
+        self.shuffle, self.seed, self.global_batch, self.shard = shuffle, seed, batch_size, shard
         self.batch_size = batch_size if shard is None else batch_size // shard.count
         self.row_probabilities = row_probabilities
         self.epoch = first_epoch
@@ -492,16 +491,8 @@ def training_model(classifier: keras.Model, augment: bool, seed: int) -> keras.S
 
 
 def compile_for_training(trainer: keras.Model, lr: float) -> None:
-    # On TensorFlow, XLA (jit_compile) makes these convolutions several times slower on CPU.
-    # JAX must compile the step (without jit it runs op by op); Keras marks RandomRotation and
-    # RandomZoom as not compilable for TensorFlow's sake, but their JAX versions compile.
-    jit = keras.backend.backend() != "tensorflow"
-    if jit:
-        for layer in trainer._flatten_layers():
-            if isinstance(layer, (keras.layers.RandomRotation, keras.layers.RandomZoom)):
-                layer.supports_jit = True
     trainer.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"], jit_compile=jit)
+                    metrics=["accuracy"], jit_compile=use_xla(trainer))
 
 
 def set_backbone_trainable(classifier: keras.Model, trainable: bool) -> None:
