@@ -13,8 +13,11 @@ In one run, on real images from a prepared archive:
    EfficientNet-Lite0 trained from scratch, with its backbone frozen (the head-only phase
    of fine-tuning) and fine-tuned whole with its BatchNorm frozen, as `melanoma train` does.
    Random initial weights: the speed does not depend on their values.
+4. the small CNN's training speed by engine: TensorFlow (the default), JAX on one device,
+   and JAX data-parallel over 2 XLA host devices (``keras.distribution.DataParallel``, as
+   `melanoma train --distribute data-parallel` runs it), each JAX figure in a fresh process.
 
-    .venv/bin/python benchmarks/train.py --archive data/archive [--steps 30] [--workdir DIR]
+    .venv/bin/python benchmarks/train.py --archive data/archive [--steps 30] [--workdir DIR] [--only-engines]
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ GB = 1e9
 
 
 def images_per_second(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, *, steps: int, batch_size: int,
-                      model_name: str = "cnn", backbone_trainable: bool | None = None) -> float:
+                      model_name: str = "cnn", backbone_trainable: bool | None = None, shard=None) -> float:
     """Fit ``steps`` batches of a model (after a warm-up that traces the graph) and time them.
 
     ``backbone_trainable`` (backbones only): None trains every layer, as from scratch; False
     and True are the two phases of fine-tuning, set as `melanoma train` sets them.
+    ``shard``: this process's part of each batch, in a data-parallel job.
     """
     from melanoma.modeling.train import ArchiveFeed, compile_for_training, set_backbone_trainable, training_model
 
@@ -50,7 +54,7 @@ def images_per_second(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, 
         set_backbone_trainable(classifier, backbone_trainable)
     trainer = training_model(classifier, augment=True, seed=0)
     compile_for_training(trainer, 1e-3)
-    feed = ArchiveFeed(images, labels, rows, batch_size=batch_size, shuffle=True, seed=0)
+    feed = ArchiveFeed(images, labels, rows, batch_size=batch_size, shuffle=True, seed=0, shard=shard)
     trainer.fit(feed, epochs=1, steps_per_epoch=3, verbose=0)
     started = time.perf_counter()
     trainer.fit(feed, epochs=1, steps_per_epoch=steps, verbose=0)
@@ -109,6 +113,37 @@ def model_speeds(archive, steps: int, batch_size: int, repeats: int) -> tuple[Ta
         rate, one_ms = inference_speed(archive.images, name, num_classes, repeats)
         inference.add_row(label, f"{rate:.0f}", f"{one_ms:.1f}")
     return training, inference
+
+
+def jax_speeds(archive_dir: Path, steps: int, batch_size: int) -> dict[str, float]:
+    """Runs in a fresh process on JAX with 2 host devices: the small CNN's training images/s
+    on one device, then data-parallel over both."""
+    from melanoma.data.archive import open_archive
+    from melanoma.modeling.distribute import start_data_parallel
+
+    archive = open_archive(archive_dir)
+    rows = archive.indices("train")
+    single = images_per_second(archive.images, archive.labels, rows, steps=steps, batch_size=batch_size)
+    parallel = start_data_parallel(None)
+    both = images_per_second(archive.images, archive.labels, rows, steps=steps, batch_size=batch_size,
+                             shard=parallel.shard)
+    return {"single": single, "data_parallel": both, "devices": len(parallel.devices)}
+
+
+def engine_table(archive, archive_dir: Path, steps: int, batch_size: int) -> Table:
+    rate = images_per_second(archive.images, archive.labels, archive.indices("train"), steps=steps, batch_size=batch_size)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    child = subprocess.run([sys.executable, __file__, "--jax-child", str(archive_dir), "--steps", str(steps),
+                            "--batch-size", str(batch_size)], check=True, capture_output=True, text=True, env=env)
+    jax = json.loads(child.stdout.strip().splitlines()[-1])
+    table = Table(title=f"Small CNN training speed by engine (global batch {batch_size}, with augmentation, "
+                  f"{os.cpu_count()} CPU cores)")
+    for column in ("engine", "images/s", "ratio to TensorFlow"):
+        table.add_column(column, justify="left" if column == "engine" else "right")
+    for label, value in (("TensorFlow (default), 1 CPU device", rate), ("JAX, 1 CPU device", jax["single"]),
+                         (f"JAX data-parallel, {jax['devices']} XLA host devices", jax["data_parallel"])):
+        table.add_row(label, f"{value:.1f}", f"{value / rate:.2f}")
+    return table
 
 
 def feed_comparison(archive, steps: int, batch_size: int, rounds: int) -> list[tuple[str, float]]:
@@ -171,7 +206,12 @@ def main() -> None:
     parser.add_argument("--big-size", type=int, default=224)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/melanoma-bench-train"))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--jax-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--only-engines", action="store_true", help="Measure only the engines (table 4).")
     args = parser.parse_args()
+    if args.jax_child:
+        print(json.dumps(jax_speeds(args.jax_child, args.steps, args.batch_size)))
+        return
     if args.child:
         print(json.dumps(train_from_big_archive(args.child, args.steps, args.batch_size)))
         return
@@ -179,6 +219,9 @@ def main() -> None:
     from melanoma.data.archive import open_archive
 
     console = Console()
+    if args.only_engines:
+        console.print(engine_table(open_archive(args.archive), args.archive, args.steps, args.batch_size))
+        return
     console.print(f"Feed comparison on {args.archive} ({args.steps} steps x {args.batch_size} images, {args.rounds} rounds) ...")
     archive = open_archive(args.archive)
     rates = feed_comparison(archive, args.steps, args.batch_size, args.rounds)
@@ -193,6 +236,7 @@ def main() -> None:
     console.print(f"Training and inference speed per model ({args.steps} steps x {args.batch_size} images) ...")
     for table in model_speeds(archive, args.steps, args.batch_size, args.repeats):
         console.print(table)
+    console.print(engine_table(archive, args.archive, args.steps, args.batch_size))
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     big = args.workdir / f"big_{args.big_images}x{args.big_size}.npy"

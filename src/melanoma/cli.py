@@ -60,8 +60,16 @@ def _global_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(help="Keras backend: tensorflow (fastest on a CPU) or jax (data-parallel training on "
+                     "several devices or hosts; docs/scale-out.md). Default: backend setting."),
+    ] = None,
 ) -> None:
+    from melanoma.modeling.distribute import use_backend
+
     ctx.obj = {"config": config}
+    use_backend(load_settings(config, backend=backend).backend)  # before anything imports Keras
 
 
 @contextmanager
@@ -341,6 +349,11 @@ def predict(
     max_pixels: MaxPixelsOption = None,
     calibration: CalibrationOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the --out file if it exists.")] = False,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="I/N: classify only part I (from 0) of N of the sorted images, for a scheduler's array "
+                     "job; the N outputs, concatenated in order, are the table of one run."),
+    ] = None,
 ) -> None:
     """Classify images with a trained run. Unreadable files are reported and skipped.
 
@@ -350,6 +363,7 @@ def predict(
     """
     from melanoma.data.quality import QualityLimits
     from melanoma.files import check_new_file, write_text
+    from melanoma.modeling.distribute import shard_of
     from melanoma.modeling.predict import Predictor, predictions_text
 
     settings = settings_for(ctx, max_pixels=max_pixels, calibration=calibration)
@@ -366,6 +380,8 @@ def predict(
         raise MelanomaError("No images given.", hint="Name image files, or a folder with --input-dir.")
     if out_file:
         check_new_file(out_file, force=force, what="--out file")  # before the work, not after it
+    if shard:
+        paths = shard_of(paths, shard)
     predictor = Predictor.from_run(run, engine=engine, max_pixels=settings.max_pixels, calibration=settings.calibration)
     with _progress() as progress:
         task = progress.add_task("Predicting", total=len(paths), visible=input_dir is not None)
@@ -547,6 +563,19 @@ def train_command(
     freeze_epochs: Annotated[Optional[int], typer.Option(help="Pretrained backbones: epochs that train the new head only.")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --run-dir.")] = False,
+    distribute: Annotated[
+        Optional[str], typer.Option(help="data-parallel: across all devices of the job (JAX backend; "
+                                    "--batch-size is then the global batch). See docs/scale-out.md.")
+    ] = None,
+    num_processes: Annotated[
+        Optional[int], typer.Option(envvar="KERAS_DISTRIBUTION_NUM_PROCESSES", help="Processes of a multi-process job.")
+    ] = None,
+    process_id: Annotated[
+        Optional[int], typer.Option(envvar="KERAS_DISTRIBUTION_PROCESS_ID", help="This process's number, 0 to N-1 (0 writes the run).")
+    ] = None,
+    coordinator: Annotated[
+        Optional[str], typer.Option(envvar="KERAS_DISTRIBUTION_JOB_ADDRESSES", help="HOST:PORT of process 0.")
+    ] = None,
 ) -> None:
     """Train a model on an archive; the best model by validation balanced accuracy goes to <run>/model.keras.
 
@@ -555,6 +584,7 @@ def train_command(
     from datetime import datetime
 
     from melanoma.data.archive import open_archive
+    from melanoma.modeling.distribute import describe_engine, engine_info, parallel_job, process_run_dir
     from melanoma.modeling.runs import read_run_meta, recorded_archive
     from melanoma.modeling.train import train
 
@@ -571,14 +601,16 @@ def train_command(
     else:
         archive_dir = settings.archive_dir
         run_dir = run_dir or settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}"
+    parallel = parallel_job(distribute, num_processes, process_id, coordinator, os.environ)
+    out.print(f"Engine: {describe_engine(engine_info(parallel), parallel)}", highlight=False)
     opened = open_archive(archive_dir)
     if opened.header.get("synthetic"):
         out.print("[bold yellow]SYNTHETIC archive, for demonstration only: no result on it means anything.[/]")
     out.print(f"{'Resuming' if resume else 'Training'} [bold]{settings.model if not resume else run_dir}[/] "
               f"on {archive_dir} ({len(opened.indices('train')):,} training images); run folder {run_dir}")
-    with terminate_as_interrupt():
+    with terminate_as_interrupt(), process_run_dir(run_dir, parallel, resume) as own_dir:  # process 0 writes the run folder
         result = train(
-            opened, run_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
+            opened, own_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
             batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
             class_balance=settings.class_balance, augment=settings.augment, extra_augment=settings.extra_augment,
             vignette_augment=settings.vignette_augment,
@@ -586,6 +618,7 @@ def train_command(
             freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
             weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
             ood_flag_fraction=settings.ood_flag_fraction,
+            parallel=parallel, progress=parallel is None or parallel.is_chief,
         )
     if result.status == "interrupted":
         console.print(f"[yellow]Interrupted after {result.epochs_done} complete epoch(s); the checkpoint is saved.[/] "
@@ -860,10 +893,9 @@ def _archive_of_other_data(archive_dir: Path, data_dir: Path) -> Path | None:
 
 def main() -> None:
     """Console-script entry point: user mistakes become one clear message and exit 2."""
-    # TensorFlow's C++ start-up chatter hides the output researchers read; Keras runs on
-    # TensorFlow unless the user chose another backend.
+    # TensorFlow's C++ start-up chatter hides the output researchers read (the backend is
+    # chosen by the --backend option, before Keras is imported).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     try:
         app()
     except MelanomaError as exc:

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     test_where: str | None = Field(None, description="Put rows matching COLUMN=VALUE in the test split.")
 
     # Training
+    backend: Literal["tensorflow", "jax"] = Field("tensorflow", description="Keras backend: tensorflow (fastest on "
+                                                  "a CPU) or jax (data-parallel training, docs/scale-out.md).")
     model: str = Field("efficientnet-lite0", description="The model to train (the pretrained backbone won on HAM10000; see README).")
     weights: str | None = Field(None, description="imagenet, none, or a path to a weights file "
                                 "(unset: imagenet for the pretrained backbones, none for the CNN).")

@@ -245,6 +245,9 @@ class GradCam:
         import keras
         import tensorflow as tf
 
+        if keras.backend.backend() != "tensorflow":  # the gradients below are TensorFlow's
+            raise ModelError(f"Grad-CAM runs on the TensorFlow backend, not {keras.backend.backend()}.",
+                             hint="Run it without --backend jax (any run loads on TensorFlow).")
         layer = find_feature_layer(model, layer_name)
         self.layer_name = layer.name
         head = model.layers[-1]

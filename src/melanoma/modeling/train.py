@@ -41,8 +41,10 @@ import csv
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +59,7 @@ from melanoma.data.archive import Archive, read_rows
 from melanoma.errors import ModelError
 from melanoma.files import commit, write_json, write_text
 from melanoma.modeling.cards import write_model_card
+from melanoma.modeling.distribute import Parallel, ReplicatedPredict, Shard, engine_info, use_xla
 from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
 from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, training_process
@@ -95,20 +98,28 @@ class ArchiveFeed(keras.utils.PyDataset):
     is drawn from (seed, epoch), so it does not depend on how the run was interrupted;
     ``row_probabilities`` (one per row) turns shuffling into sampling with replacement.
     ``labels`` holds the label of every archive row; ``rows`` are the rows to feed.
+    With a ``shard`` (data-parallel training), ``batch_size`` is the global batch and this
+    feed yields only the shard's slice of each global batch.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, *, batch_size: int,
                  shuffle: bool = False, seed: int = 0, first_epoch: int = 0,
-                 row_probabilities: np.ndarray | None = None, workers: int = 2, max_queue_size: int = 4):
+                 row_probabilities: np.ndarray | None = None, workers: int = 2, max_queue_size: int = 4,
+                 shard: Shard | None = None):
         # Two threads fill a queue of at most `max_queue_size` batches, in order. Without the
         # queue, Keras hands the feed to tf.data with an autotuned prefetch buffer, which
         # grew to 7.8 GB when training from 25,000 images at 224 px.
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
         self.images, self.labels, self.rows = images, labels, np.asarray(rows)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.shuffle, self.seed, self.global_batch, self.shard = shuffle, seed, batch_size, shard
+        self.batch_size = batch_size if shard is None else batch_size // shard.count
         self.row_probabilities = row_probabilities
         self.epoch = first_epoch
-        self.order = self._epoch_order()
+        self.order = self._local_order()
+
+    def _local_order(self) -> np.ndarray:
+        order = self._epoch_order()
+        return order if self.shard is None else self.shard.local_rows(order, self.global_batch)
 
     def _epoch_order(self) -> np.ndarray:
         if not self.shuffle:
@@ -119,7 +130,7 @@ class ArchiveFeed(keras.utils.PyDataset):
         return rng.permutation(self.rows)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         # Sorted rows read the archive file sequentially; the order inside a batch is irrelevant.
@@ -128,7 +139,7 @@ class ArchiveFeed(keras.utils.PyDataset):
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
-        self.order = self._epoch_order()
+        self.order = self._local_order()
 
 
 def augmentation(seed: int, extra: bool = False, vignette: bool = False) -> keras.Sequential:
@@ -225,16 +236,17 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 class ValidationMetrics(keras.callbacks.Callback):
     """Adds ``val_loss``, ``val_accuracy``, ``val_bma`` and ``val_mel_auc`` to the epoch logs.
 
-    Predicts with the real model (no augmentation), once per epoch; later callbacks
-    (checkpoints, early stopping, CSV history) read these values from the logs.
+    ``predict()`` gives the real model's (no augmentation) probabilities of the validation
+    rows, once per epoch; later callbacks (checkpoints, early stopping, CSV history) read
+    these values from the logs.
     """
 
-    def __init__(self, model: keras.Model, feed: ArchiveFeed, labels: np.ndarray, mel_index: int | None):
+    def __init__(self, predict: Callable[[], np.ndarray], labels: np.ndarray, mel_index: int | None):
         super().__init__()
-        self.classifier, self.feed, self.labels, self.mel_index = model, feed, labels, mel_index
+        self.predict, self.labels, self.mel_index = predict, labels, mel_index
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        probabilities = normalised(self.classifier.predict(self.feed, verbose=0))
+        probabilities = normalised(self.predict())
         scores = validation_scores(self.labels, probabilities, self.mel_index)
         logs.update({f"val_{name}": value for name, value in scores.items()})
 
@@ -398,6 +410,7 @@ def train(
     progress: bool = True,
     console: Console | None = None,
     ood_flag_fraction: float = DEFAULT_OOD_FLAG_FRACTION,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train ``model_name`` on ``archive``'s train split, validating on its val split.
 
@@ -411,6 +424,8 @@ def train(
     saves ``last.keras``, marks the run "interrupted" and returns (status "interrupted"). A
     completed run then gets its temperature and out-of-distribution gate
     (``ood_flag_fraction`` of the validation images flagged).
+    ``parallel`` (from :func:`~melanoma.modeling.distribute.start_data_parallel`) trains
+    data-parallel: ``batch_size`` is then the global batch, and this process feeds its shard.
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
@@ -418,6 +433,9 @@ def train(
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ModelError(f"The archive {archive.path} needs images in both its train and val splits "
                          f"(it has {len(train_rows)} and {len(val_rows)}).")
+    if parallel is not None:
+        parallel.check_batch(read_run_meta(run_dir)["training"]["batch_size"] if resume else batch_size)
+    engine = engine_info(parallel)
     _deterministic_ops()
     if resume:
         meta = _meta_to_resume(run_dir, archive)
@@ -425,7 +443,7 @@ def train(
         keras.utils.set_random_seed(options["seed"])
         trainer = _load_trainer(run_dir / LAST_FILE)
         trim_history(run_dir / HISTORY_FILE, int(meta["epochs_done"]))
-        meta.update(status=RUNNING, process=training_process())
+        meta.update(status=RUNNING, process=training_process(), engine=engine)
         write_json(run_dir / RUN_FILE, meta)
     else:
         weights = default_weights(model_name) if weights is None else weights
@@ -444,16 +462,21 @@ def train(
                                  weights=weights, weights_dir=weights_dir)
         trainer = training_model(classifier, augment, seed, extra=options["extra_augment"],
                                  vignette=options["vignette_augment"])
-        meta = _start_run(run_dir, archive, options, settings_dump or {})
+        meta = _start_run(run_dir, archive, options, settings_dump or {}, engine)
     first_epoch = int(meta["epochs_done"])
     num_classes = len(archive.classes)
     classifier = trainer.layers[-1]
 
     train_labels = archive.labels[train_rows]
+    shard = parallel.shard if parallel is not None else None
     feed = ArchiveFeed(archive.images, archive.labels, train_rows, batch_size=options["batch_size"], shuffle=True,
-                       seed=options["seed"], first_epoch=first_epoch,
+                       seed=options["seed"], first_epoch=first_epoch, shard=shard,
                        row_probabilities=balanced_sampling_probabilities(train_labels) if options["class_balance"] == "sampling" else None)
-    val_feed = ArchiveFeed(archive.images, archive.labels, val_rows, batch_size=max(64, options["batch_size"]))
+    val_batch = max(64, options["batch_size"])
+    val_feed = ArchiveFeed(archive.images, archive.labels, val_rows, shard=shard,
+                           batch_size=val_batch if parallel is None else parallel.round_up(val_batch))
+    predict_val = (partial(classifier.predict, val_feed, verbose=0) if parallel is None
+                   else partial(ReplicatedPredict(classifier), val_feed, len(val_rows)))
     weights_by_class = class_weights(train_labels, num_classes) if options["class_balance"] == "weights" else None
 
     limit = options["time_limit_minutes"]
@@ -463,7 +486,7 @@ def train(
     time_limit = TimeLimit(clock)
     early_stopping = keras.callbacks.EarlyStopping(monitor="val_bma", mode="max", patience=options["early_stopping_patience"])
     common = [
-        ValidationMetrics(classifier, val_feed, archive.labels[val_rows], melanoma_index(archive.classes)),
+        ValidationMetrics(predict_val, archive.labels[val_rows], melanoma_index(archive.classes)),
         report,
         keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
         RunCheckpoint(run_dir, classifier, meta, clock),
@@ -553,9 +576,8 @@ def training_model(classifier: keras.Model, augment: bool, seed: int, *, extra: 
 
 
 def compile_for_training(trainer: keras.Model, lr: float) -> None:
-    # XLA (jit_compile) makes these convolutions several times slower on CPU.
     trainer.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"], jit_compile=False)
+                    metrics=["accuracy"], jit_compile=use_xla(trainer))
 
 
 def set_backbone_trainable(classifier: keras.Model, trainable: bool) -> None:
@@ -572,6 +594,8 @@ def balanced_sampling_probabilities(labels: np.ndarray) -> np.ndarray:
 
 
 def _deterministic_ops() -> None:
+    if keras.backend.backend() != "tensorflow":
+        return  # JAX's CPU kernels are deterministic; GPUs need XLA_FLAGS (docs/scale-out.md)
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
@@ -629,7 +653,8 @@ def _check_new_run_dir(run_dir: Path) -> None:
         raise ModelError(f"{run_dir} exists and is not an empty folder.", hint="Choose a new --run-dir.")
 
 
-def _start_run(run_dir: Path, archive: Archive, options: dict[str, Any], settings_dump: dict[str, Any]) -> dict[str, Any]:
+def _start_run(run_dir: Path, archive: Archive, options: dict[str, Any], settings_dump: dict[str, Any],
+               engine: dict[str, Any]) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     header = archive.header
     meta = {
@@ -640,7 +665,7 @@ def _start_run(run_dir: Path, archive: Archive, options: dict[str, Any], setting
                     "seed": header.get("seed"), "test_where": header.get("test_where")},
         "git": git_state(), "process": training_process(),
         "created": _now(), "status": RUNNING, "epochs_done": 0, "best": None, "train_seconds": 0.0,
-        "training": options,
+        "training": options, "engine": engine,
     }
     write_json(run_dir / CONFIG_FILE, settings_dump)
     write_json(run_dir / VERSIONS_FILE, _library_versions())
