@@ -247,6 +247,8 @@ def test_predict_shards_concatenate_to_one_run(cli, trained_run: Path, ham_image
         assert cli("predict", "--run", trained_run, "--input-dir", folder, "--shard", f"{index}/3", "--out", part).code == 0
         parts.append(pd.read_csv(part))
     assert [len(part) for part in parts] == [3, 2, 2]
-    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), pd.read_csv(whole))
+    # The same rows and predictions; float32 features differ in the last digits between batch sizes.
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), pd.read_csv(whole), check_exact=False,
+                                  rtol=1e-3, atol=1e-6)
     result = cli("predict", "--run", trained_run, "--input-dir", folder, "--shard", "3/3")
     assert result.code == 2 and "not I/N" in result.stderr
