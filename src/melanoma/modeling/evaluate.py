@@ -1,14 +1,10 @@
-"""Evaluation: the metrics the field reports, figures, a readable report, ISIC predictions.
+"""Evaluation: a run scored on a split, with figures, a readable report and ISIC predictions.
 
-The metrics are scikit-learn's where it has them. Two come from the ISIC challenge's own
-definitions (``isic-challenge-scoring``): balanced multiclass accuracy (the mean recall of
-the classes present) and the partial AUC above 80% sensitivity, which is the area under
-the ROC curve over the part where sensitivity is at least 0.8, *without* the McClish
-standardisation that ``roc_auc_score(max_fpr=...)`` applies. As in the ISIC scorer, an image
-whose top probability is shared by two classes (an exact tie) has no predicted class: it
-counts as wrong. ``evaluate`` writes the ground truth of the evaluated split in the ISIC 2019
-format beside the predictions, so the official scorer can be run on them
-(tests/test_isic_scorer.py does, and agrees with ``metrics.json``).
+The metrics are those of :mod:`.metrics` (scikit-learn's, and the ISIC challenge's balanced
+multiclass accuracy and partial AUC above 80% sensitivity). ``evaluate`` writes the ground
+truth of the evaluated split in the ISIC 2019 format (:mod:`.isic`) beside the predictions,
+so the official scorer can be run on them (tests/test_isic_scorer.py does, and agrees with
+``metrics.json``).
 
 The melanoma operating point is chosen on the validation split (the threshold that
 reaches the target sensitivity there) and then applied, unchanged, to the evaluated split,

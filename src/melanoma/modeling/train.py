@@ -3,7 +3,7 @@
 One call of :func:`train` makes (or, with ``resume``, continues) one run directory (layout
 in docs/architecture.md). The pieces, in the order of an epoch:
 
-- :class:`ArchiveFeed` gathers each batch's uint8 rows from the memory-mapped archive and
+- :class:`.feed.ArchiveFeed` gathers each batch's uint8 rows from the memory-mapped archive and
   casts only that batch to float32, so memory stays flat whatever the archive's size.
   Class imbalance is handled by class weights (inverse frequency) in the loss, or by
   sampling each class equally often.
