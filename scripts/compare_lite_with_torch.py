@@ -21,7 +21,8 @@ from rich.table import Table
 from skimage import data
 from skimage.transform import resize
 
-from melanoma.modeling.efficientnet_lite import INPUT_OFFSET, INPUT_SCALE, build_efficientnet_lite
+from melanoma.modeling.efficientnet_lite import INPUT_OFFSET, INPUT_SCALE
+from melanoma.modeling.pretrained import build_efficientnet_lite
 from melanoma.modeling.pretrained import torch_checkpoint
 
 

@@ -15,11 +15,11 @@ from melanoma.data.synthetic import make_synthetic_dataset
 
 
 def test_demo_replaces_only_an_archive_it_made(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from melanoma import cli as cli_module
+    from melanoma.cli import serving as demo_module  # the module whose demo calls the later steps
 
     later_steps = []
-    monkeypatch.setattr(cli_module, "train_command", lambda ctx, **kwargs: later_steps.append("train"))
-    monkeypatch.setattr(cli_module, "evaluate_command", lambda ctx, **kwargs: later_steps.append("evaluate"))
+    monkeypatch.setattr(demo_module, "train_command", lambda ctx, **kwargs: later_steps.append("train"))
+    monkeypatch.setattr(demo_module, "evaluate_command", lambda ctx, **kwargs: later_steps.append("evaluate"))
     monkeypatch.setattr("melanoma.serving.app.add_examples", lambda run_dir, manifest: None)
     archive, synthetic = tmp_path / "archive", tmp_path / "synthetic"
     for name, value in {"DATA_DIR": tmp_path / "no-data", "ARCHIVE_DIR": archive, "SYNTHETIC_DIR": synthetic,

@@ -106,7 +106,8 @@ DATA_PARALLEL_STEP = """
 import json, keras, numpy as np
 from melanoma.modeling.distribute import start_data_parallel
 from melanoma.modeling.models import build_model
-from melanoma.modeling.train import ArchiveFeed, compile_for_training, training_model
+from melanoma.modeling.feed import ArchiveFeed
+from melanoma.modeling.train import compile_for_training, training_model
 
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
@@ -191,7 +192,7 @@ def two_process_run(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.mark.slow
 def test_two_processes_train_one_run_that_tensorflow_loads(two_process_run: tuple[Path, list[str]],
                                                            small_ham_archive: Path) -> None:
-    from melanoma.modeling.evaluate import melanoma_index, validation_scores
+    from melanoma.modeling.metrics import melanoma_index, validation_scores
     from melanoma.modeling.export import export_model
     from melanoma.modeling.predict import Predictor
 

@@ -22,13 +22,13 @@ from melanoma.modeling.efficientnet_lite import (
     FEATURES_LAYER,
     INPUT_OFFSET,
     INPUT_SCALE,
-    build_efficientnet_lite,
     efficientnet_lite,
 )
 from melanoma.modeling.pretrained import (
     LEGACY_MAGIC,
     LEGACY_PROTOCOL,
     assign_torch_weights,
+    build_efficientnet_lite,
     cached_lite_weights,
     read_torch_state_dict,
     torch_checkpoint,

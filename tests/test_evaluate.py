@@ -10,16 +10,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from melanoma.modeling.evaluate import (
-    ISIC_COLUMNS,
+from melanoma.modeling.evaluate import subgroup_metrics, subgroup_report_lines
+from melanoma.modeling.isic import ISIC_COLUMNS, submission_table
+from melanoma.modeling.metrics import (
     bootstrap_intervals,
     classification_metrics,
     expected_calibration_error,
     partial_auc_above_sensitivity,
     specificity_at_sensitivity,
-    subgroup_metrics,
-    subgroup_report_lines,
-    submission_table,
     threshold_for_sensitivity,
 )
 

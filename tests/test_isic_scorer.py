@@ -20,7 +20,8 @@ from isic_challenge_scoring import metrics as isic_metrics
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 from isic_challenge_scoring.load_csv import parse_truth_csv, sort_rows, validate_rows
 
-from melanoma.modeling.evaluate import TIE, classification_metrics, isic_columns, predicted_labels
+from melanoma.modeling.isic import isic_columns
+from melanoma.modeling.metrics import TIE, classification_metrics, predicted_labels
 
 TOLERANCE = 1e-6
 # The scorer's own pandas deprecations (inplace=..., verify_integrity=...), not ours to fix.

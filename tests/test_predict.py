@@ -15,7 +15,7 @@ from crafted_images import png_declaring
 
 from melanoma.errors import ImageError, ModelError
 from melanoma.modeling.calibration import temperature_scale
-from melanoma.modeling.evaluate import ISIC_COLUMNS
+from melanoma.modeling.isic import ISIC_COLUMNS
 from melanoma.modeling.predict import Predictor, tta_views
 
 pytestmark = pytest.mark.realdata

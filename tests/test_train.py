@@ -20,9 +20,10 @@ from sklearn.metrics import balanced_accuracy_score
 from melanoma.data.archive import open_archive
 from melanoma.errors import ModelError
 from melanoma.modeling.calibration import temperature_scale
-from melanoma.modeling.evaluate import predict_rows
+from melanoma.modeling.feed import ArchiveFeed, predict_rows
 from melanoma.modeling.models import small_cnn
-from melanoma.modeling.train import ArchiveFeed, RandomVignette, class_weights, train, training_model
+from melanoma.modeling.augment import RandomVignette
+from melanoma.modeling.train import class_weights, train, training_model
 
 RUN_FILES = {"run.json", "model.keras", "last.keras", "config.json", "split.csv", "history.csv", "versions.json"}
 

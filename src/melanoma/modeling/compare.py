@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 
 from melanoma.errors import DataError, MelanomaError, ModelError
-from melanoma.modeling.evaluate import (
+from melanoma.modeling.isic import isic_columns
+from melanoma.modeling.metrics import (
     CI_LEVEL,
     class_recalls,
-    isic_columns,
     lesion_resamples,
     melanoma_index,
     normalised,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from melanoma.errors import ModelError
@@ -191,33 +190,3 @@ def efficientnet_lite(
         x = layers.Dropout(spec.dropout, name="top_dropout")(x)
         x = layers.Dense(classes, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, x, name=name or variant)
-
-
-def build_efficientnet_lite(
-    variant: str = "efficientnet-lite0",
-    *,
-    input_shape: tuple[int | None, int | None, int] = (None, None, 3),
-    include_top: bool = True,
-    weights: str | Path = "none",
-    weights_dir: Path | None = None,
-    classes: int = 1000,
-    name: str | None = None,
-) -> keras.Model:
-    """EfficientNet-Lite with ``weights``: "imagenet" (converted once into ``weights_dir``),
-    "none" (random initialisation), or the path of a Keras ``.weights.h5`` file."""
-    from melanoma.modeling.pretrained import load_keras_weights, prepare_lite_weights
-
-    if weights == "imagenet":
-        if weights_dir is None:
-            raise ModelError("ImageNet weights need a weights folder to cache the converted file in.")
-        if include_top and classes != 1000:
-            raise ModelError(
-                f"The ImageNet head has 1000 classes, not {classes}.",
-                hint="Use include_top=False and add your own head.",
-            )
-    model = efficientnet_lite(variant, input_shape=input_shape, include_top=include_top, classes=classes, name=name)
-    if weights == "imagenet":
-        load_keras_weights(model, prepare_lite_weights(variant, weights_dir, include_top=include_top))
-    elif weights != "none":
-        load_keras_weights(model, Path(weights))
-    return model

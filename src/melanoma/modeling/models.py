@@ -119,7 +119,7 @@ def _backbone(name: str, *, image_size: int, weights: str | Path, weights_dir: P
     """The pretrained part, without its ImageNet head, named ``backbone``."""
     shape = (image_size, image_size, 3)
     if name == EFFICIENTNET_LITE0:
-        from melanoma.modeling.efficientnet_lite import build_efficientnet_lite
+        from melanoma.modeling.pretrained import build_efficientnet_lite
 
         return build_efficientnet_lite(EFFICIENTNET_LITE0, input_shape=shape, include_top=False, weights=weights,
                                        weights_dir=weights_dir, name=BACKBONE_LAYER)

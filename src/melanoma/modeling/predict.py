@@ -312,11 +312,11 @@ def predictions_text(paths: Sequence[Path], probabilities: np.ndarray, classes: 
                      warnings: Sequence[Sequence[QualityWarning]] | None = None) -> str:
     """Predictions as ``csv`` (file, prediction, probability, one column per class, then
     ``ood_score``, ``in_distribution`` and ``warnings`` where given), ``isic`` (the ISIC 2019
-    submission format of :func:`melanoma.modeling.evaluate.submission_table`, the image id
+    submission format of :func:`melanoma.modeling.isic.submission_table`, the image id
     being the file name without suffix) or ``json`` (a list of records)."""
     import pandas as pd
 
-    from melanoma.modeling.evaluate import submission_table
+    from melanoma.modeling.isic import submission_table
 
     if fmt == "isic":
         return submission_table([p.stem for p in paths], probabilities, list(classes)).to_csv(index=False)

@@ -13,6 +13,7 @@ that rebuilds NumPy arrays, and refuses everything else.
 
 The converted weights are cached in the weights folder as Keras ``.weights.h5`` files (the
 headless backbone and the full ImageNet classifier), listed with their sha256 in a JSON file.
+:func:`build_efficientnet_lite` builds the architecture of :mod:`.efficientnet_lite` with them.
 """
 
 from __future__ import annotations
@@ -374,3 +375,33 @@ def load_keras_weights(model: keras.Model, path: Path) -> None:
         model.load_weights(path)
     except (ValueError, OSError, KeyError) as exc:
         raise ModelError(f"Weights file {path} cannot be loaded into {model.name}: {exc}") from None
+
+
+def build_efficientnet_lite(
+    variant: str = "efficientnet-lite0",
+    *,
+    input_shape: tuple[int | None, int | None, int] = (None, None, 3),
+    include_top: bool = True,
+    weights: str | Path = "none",
+    weights_dir: Path | None = None,
+    classes: int = 1000,
+    name: str | None = None,
+) -> keras.Model:
+    """EfficientNet-Lite with ``weights``: "imagenet" (converted once into ``weights_dir``),
+    "none" (random initialisation), or the path of a Keras ``.weights.h5`` file."""
+    from melanoma.modeling.efficientnet_lite import efficientnet_lite
+
+    if weights == "imagenet":
+        if weights_dir is None:
+            raise ModelError("ImageNet weights need a weights folder to cache the converted file in.")
+        if include_top and classes != 1000:
+            raise ModelError(
+                f"The ImageNet head has 1000 classes, not {classes}.",
+                hint="Use include_top=False and add your own head.",
+            )
+    model = efficientnet_lite(variant, input_shape=input_shape, include_top=include_top, classes=classes, name=name)
+    if weights == "imagenet":
+        load_keras_weights(model, prepare_lite_weights(variant, weights_dir, include_top=include_top))
+    elif weights != "none":
+        load_keras_weights(model, Path(weights))
+    return model

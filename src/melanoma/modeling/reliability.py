@@ -19,7 +19,8 @@ import numpy as np
 from melanoma.data.archive import read_rows
 from melanoma.errors import ModelError
 from melanoma.modeling.calibration import fit_temperature, negative_log_likelihood, temperature_scale
-from melanoma.modeling.evaluate import check_archive, expected_calibration_error
+from melanoma.modeling.feed import check_archive
+from melanoma.modeling.metrics import expected_calibration_error
 from melanoma.modeling.ood import METHOD, OOD_FILE, NeighbourGate
 from melanoma.modeling.predict import HEAD_LAYER, Predictor
 from melanoma.files import write_json

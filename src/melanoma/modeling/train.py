@@ -3,7 +3,7 @@
 One call of :func:`train` makes (or, with ``resume``, continues) one run directory (layout
 in docs/architecture.md). The pieces, in the order of an epoch:
 
-- :class:`ArchiveFeed` gathers each batch's uint8 rows from the memory-mapped archive and
+- :class:`.feed.ArchiveFeed` gathers each batch's uint8 rows from the memory-mapped archive and
   casts only that batch to float32, so memory stays flat whatever the archive's size.
   Class imbalance is handled by class weights (inverse frequency) in the loss, or by
   sampling each class equally often.
@@ -55,12 +55,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from melanoma.config import DEFAULT_OOD_FLAG_FRACTION
-from melanoma.data.archive import Archive, read_rows
+from melanoma.data.archive import Archive
 from melanoma.errors import ModelError
 from melanoma.files import commit, write_json, write_text
+from melanoma.modeling.augment import augmentation
 from melanoma.modeling.cards import write_model_card
-from melanoma.modeling.distribute import Parallel, ReplicatedPredict, Shard, engine_info, use_xla
-from melanoma.modeling.evaluate import melanoma_index, normalised, validation_scores
+from melanoma.modeling.distribute import Parallel, ReplicatedPredict, engine_info, use_xla
+from melanoma.modeling.feed import ArchiveFeed
+from melanoma.modeling.metrics import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
 from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, training_process
 from melanoma.provenance import git_state
@@ -89,136 +91,6 @@ class TrainResult:
     best_val_bma: float | None
     stopped_by: str  # "epochs", "early_stopping", "time_limit" or "interrupt"
     seconds: float  # training time of this call
-
-
-class ArchiveFeed(keras.utils.PyDataset):
-    """Batches of float32 images (0..255) and integer labels from archive rows.
-
-    Only one batch is ever converted to float32. With ``shuffle``, the order of each epoch
-    is drawn from (seed, epoch), so it does not depend on how the run was interrupted;
-    ``row_probabilities`` (one per row) turns shuffling into sampling with replacement.
-    ``labels`` holds the label of every archive row; ``rows`` are the rows to feed.
-    With a ``shard`` (data-parallel training), ``batch_size`` is the global batch and this
-    feed yields only the shard's slice of each global batch.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, *, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, first_epoch: int = 0,
-                 row_probabilities: np.ndarray | None = None, workers: int = 2, max_queue_size: int = 4,
-                 shard: Shard | None = None):
-        # Two threads fill a queue of at most `max_queue_size` batches, in order. Without the
-        # queue, Keras hands the feed to tf.data with an autotuned prefetch buffer, which
-        # grew to 7.8 GB when training from 25,000 images at 224 px.
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
-        self.images, self.labels, self.rows = images, labels, np.asarray(rows)
-        self.shuffle, self.seed, self.global_batch, self.shard = shuffle, seed, batch_size, shard
-        self.batch_size = batch_size if shard is None else batch_size // shard.count
-        self.row_probabilities = row_probabilities
-        self.epoch = first_epoch
-        self.order = self._local_order()
-
-    def _local_order(self) -> np.ndarray:
-        order = self._epoch_order()
-        return order if self.shard is None else self.shard.local_rows(order, self.global_batch)
-
-    def _epoch_order(self) -> np.ndarray:
-        if not self.shuffle:
-            return self.rows
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.row_probabilities is not None:
-            return rng.choice(self.rows, size=len(self.rows), p=self.row_probabilities)
-        return rng.permutation(self.rows)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        # Sorted rows read the archive file sequentially; the order inside a batch is irrelevant.
-        rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        return read_rows(self.images, rows).astype(np.float32), self.labels[rows]
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self.order = self._local_order()
-
-
-def augmentation(seed: int, extra: bool = False, vignette: bool = False) -> keras.Sequential:
-    """Random flips, rotations, zoom, brightness and contrast, for 0..255 images.
-
-    Dermoscopic lesions have no natural orientation, hence flips both ways and any angle.
-    ``extra`` adds what differs between clinics: aspect ratio (zoom per axis; some
-    publishers squash images), hue, saturation and the illuminant (a random gain per channel).
-    ``vignette`` darkens the corners of half the images, as many dermatoscopes do (the ISIC
-    Archive's images have dark circular borders that HAM10000's lack).
-    """
-    from keras import layers
-
-    zoom = (-0.2, 0.1)
-    stages = [
-        layers.RandomFlip("horizontal_and_vertical", seed=seed),
-        layers.RandomRotation(0.5, fill_mode="reflect", seed=seed + 1),
-        layers.RandomZoom(zoom, width_factor=zoom if extra else None, fill_mode="reflect", seed=seed + 2),
-        layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
-        layers.RandomContrast(0.2, value_range=(0, 255), seed=seed + 4),
-    ]
-    if extra:
-        stages += [
-            layers.RandomHue(0.05, value_range=(0, 255), seed=seed + 5),
-            layers.RandomSaturation((0.35, 0.65), value_range=(0, 255), seed=seed + 6),
-            RandomIlluminant(0.1, seed=seed + 7),
-        ]
-    if vignette:
-        stages.append(RandomVignette(0.5, seed=seed + 8))
-    return keras.Sequential(stages, name="augmentation")
-
-
-@keras.saving.register_keras_serializable(package="melanoma")
-class RandomVignette(keras.layers.Layer):
-    """Blackens, in a share ``probability`` of the training images, everything outside a
-    centred circle whose radius is drawn between 0.45 and 0.72 of the side (0.71 reaches the
-    corners), with a soft edge: the dark circular border of many dermatoscopes."""
-
-    def __init__(self, probability: float, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.probability, self.seed = probability, seed
-        self.generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=True):
-        if not training:
-            return images
-        ops = keras.ops
-        shape = ops.shape(images)
-        ys = (ops.arange(shape[1], dtype="float32") + 0.5) / ops.cast(shape[1], "float32") - 0.5
-        xs = (ops.arange(shape[2], dtype="float32") + 0.5) / ops.cast(shape[2], "float32") - 0.5
-        distance = ops.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)[None, :, :, None]
-        radius = keras.random.uniform((shape[0], 1, 1, 1), 0.45, 0.72, seed=self.generator)
-        inside = ops.sigmoid((radius - distance) / 0.02)
-        applied = ops.cast(keras.random.uniform((shape[0], 1, 1, 1), seed=self.generator) < self.probability, "float32")
-        return images * (1 - applied * (1 - inside))
-
-    def get_config(self):
-        return {**super().get_config(), "probability": self.probability, "seed": self.seed}
-
-
-@keras.saving.register_keras_serializable(package="melanoma")
-class RandomIlluminant(keras.layers.Layer):
-    """Multiplies each channel of each training image by a gain drawn from 1 ± ``delta``: the
-    colour cast of another light or camera, which Shades of Gray only partly removes."""
-
-    def __init__(self, delta: float, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.delta, self.seed = delta, seed
-        self.generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=True):
-        if not training:
-            return images
-        shape = (keras.ops.shape(images)[0], 1, 1, 3)
-        gains = keras.random.uniform(shape, 1 - self.delta, 1 + self.delta, seed=self.generator)
-        return keras.ops.clip(images * gains, 0, 255)
-
-    def get_config(self):
-        return {**super().get_config(), "delta": self.delta, "seed": self.seed}
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
