@@ -18,12 +18,11 @@ from melanoma.modeling.explain import (
     explain_lime,
     gradcam_for,
     parse_methods,
-    perturbation_curves,
     superpixel_means,
-    top_overlap,
 )
 from melanoma.modeling.predict import Predictor
 from melanoma.modeling.runs import read_run
+from melanoma.modeling.trust import perturbation_curves, top_overlap
 
 pytestmark = pytest.mark.realdata
 SAMPLES = 100
@@ -128,7 +127,7 @@ def test_gradcam_heatmaps(predictor: Predictor, image: np.ndarray) -> None:
 
 
 def test_perturbation_curves_run_from_image_to_blur(predictor: Predictor, image: np.ndarray) -> None:
-    from melanoma.modeling.explain import blurred
+    from melanoma.modeling.trust import blurred
 
     segments = SegmentationParams().segment(image)
     ranking = np.arange(segments.max() + 1)

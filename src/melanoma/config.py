@@ -108,8 +108,9 @@ class Settings(BaseSettings):
     class_balance: ClassBalanceChoice = "weights"
     augment: bool = True
     extra_augment: bool = Field(False, description="Also jitter aspect ratio, hue, saturation and illuminant.")
-    vignette_augment: bool = Field(False, description="Also blacken the corners of half the training images "
-                                   "(the dark circular border of many dermatoscopes).")
+    vignette_augment: bool = Field(True, description="Also blacken the corners of half the training images "
+                                   "(the dark circular border of many dermatoscopes; it gained melanoma AUC on both "
+                                   "held-out sources, README 'Accuracy across clinics').")
     early_stopping_patience: int = Field(8, ge=1, le=10_000)
     time_limit_minutes: float | None = Field(None, gt=0, le=MINUTES_PER_MONTH, description="Stop training after this many minutes.")
     freeze_epochs: int = Field(2, ge=0, le=10_000, description="Pretrained backbones: epochs that train the new head only.")

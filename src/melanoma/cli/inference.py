@@ -187,11 +187,7 @@ def explain_eval(
 ) -> None:
     """How far explanations can be trusted: deletion/insertion AUC and stability across seeds."""
     from melanoma.data.archive import open_archive
-    from melanoma.modeling.explain import (
-        evaluate_explanations,
-        sample_images,
-        write_trust_report,
-    )
+    from melanoma.modeling.trust import evaluate_explanations, sample_images, write_trust_report
     from melanoma.modeling.predict import Predictor
 
     settings = settings_for(ctx, lime_max_samples=samples, seed=seed, explain_eval_images=n,
