@@ -144,7 +144,7 @@ def test_a_stopped_run_saves_a_checkpoint_and_resume_continues(signal_number: in
     extra = history.tail(1).assign(epoch=meta["epochs_done"])
     pd.concat([history, extra]).to_csv(run / "history.csv", index=False)
     archive = open_archive(small_ham_archive)
-    options = dict(model_name="cnn", weights=None, epochs=3, batch_size=64, learning_rate=1e-3, seed=1, progress=False)
+    options = {"model_name": "cnn", "weights": None, "epochs": 3, "batch_size": 64, "learning_rate": 1e-3, "seed": 1, "progress": False}
     with pytest.raises(ModelError, match="unfinished run"):
         train(archive, run, **options)
     resumed = train(archive, run, resume=True, **options)
