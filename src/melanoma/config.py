@@ -40,6 +40,7 @@ EngineChoice = Literal["keras", "onnx"]
 ExplainMethod = Literal["lime", "gradcam", "both"]
 ExportFormat = Literal["onnx"]
 ListFormat = Literal["table", "csv", "json"]
+LogFormat = Literal["json", "text"]
 # What each class code means, for people (HAM10000's codes and ISIC 2019's).
 CLASS_NAMES = {
     "mel": "Melanoma", "nv": "Melanocytic nevus", "bcc": "Basal cell carcinoma",
@@ -168,6 +169,8 @@ class Settings(BaseSettings):
     serve_docs: bool = Field(True, description="Serve the OpenAPI page (/docs, /redoc, /openapi.json).")
     serve_metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     ui_cache_seconds: int = Field(3600, ge=1, le=30 * 24 * 3600, description="The playground deletes uploads and results older than this.")
+    log_format: LogFormat = Field("json", description="Server log lines (app, uvicorn, Gradio) on stderr: json (one "
+                                  "object per line, for log collectors) or text (for a terminal).")
 
     @model_validator(mode="after")
     def _fractions_leave_a_training_set(self) -> Settings:
