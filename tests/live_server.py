@@ -34,7 +34,7 @@ class LiveServer:
     port: int
     process: subprocess.Popen
     log: Path
-    stderr: Path  # == log unless stderr was kept apart
+    stderr: Path | None = None  # where stderr went, if not to log
 
     def stop(self, timeout: float = 120) -> int:
         """SIGINT, then the exit code once it has drained and stopped."""
@@ -48,7 +48,7 @@ class LiveServer:
 
     def json_log(self) -> list[dict[str, Any]]:
         """The JSON log lines so far (log_format json)."""
-        return [json.loads(line) for line in self.stderr.read_text().splitlines() if line.startswith("{")]
+        return [json.loads(line) for line in (self.stderr or self.log).read_text().splitlines() if line.startswith("{")]
 
     def request_log(self) -> list[dict[str, Any]]:
         """The lines of the request log so far."""
@@ -72,7 +72,7 @@ def wait_until_ready(server: LiveServer, timeout: float = 240) -> None:
 
 @contextmanager
 def live_server(run: Path, log: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                stderr: Path | None = None, **settings: Any) -> Iterator[LiveServer]:
+                stderr: Path | None = None, ready_timeout: float = 240, **settings: Any) -> Iterator[LiveServer]:
     """`melanoma serve --run RUN [ARGS]` on a free port, with ``settings`` as MELANOMA_*
     variables and ``env`` as further environment variables; its stderr goes to ``stderr``
     if given, else with its stdout to ``log``."""
@@ -83,9 +83,9 @@ def live_server(run: Path, log: Path, *, env: dict[str, str] | None = None, args
     command = [sys.executable, "-m", "melanoma", "serve", "--run", str(run), "--port", str(port), *args]
     with open(log, "wb") as output, (open(stderr, "wb") if stderr else nullcontext(subprocess.STDOUT)) as errors:
         process = subprocess.Popen(command, stdout=output, stderr=errors, env=env)
-    server = LiveServer(f"http://127.0.0.1:{port}", port, process, log, stderr or log)
+    server = LiveServer(f"http://127.0.0.1:{port}", port, process, log, stderr)
     try:
-        wait_until_ready(server)
+        wait_until_ready(server, ready_timeout)
         yield server
     finally:
         server.stop()

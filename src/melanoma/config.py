@@ -169,6 +169,9 @@ class Settings(BaseSettings):
     serve_docs: bool = Field(True, description="Serve the OpenAPI page (/docs, /redoc, /openapi.json).")
     serve_metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     ui_cache_seconds: int = Field(3600, ge=1, le=30 * 24 * 3600, description="The playground deletes uploads and results older than this.")
+    worker_healthcheck_seconds: int = Field(60, ge=1, le=3600, description="serve --workers N: replace a worker that "
+                                            "does not answer uvicorn's health check within this (a worker loading "
+                                            "TensorFlow and the model is silent for seconds; uvicorn's 5 s kill it).")
     log_format: LogFormat = Field("json", description="Server log lines (app, uvicorn, Gradio) on stderr: json (one "
                                   "object per line, for log collectors) or text (for a terminal).")
 

@@ -212,4 +212,5 @@ def serve(
             limit_concurrency=settings.limit_concurrency,
             timeout_keep_alive=settings.keep_alive_seconds,
             timeout_graceful_shutdown=math.ceil(slowest_request) + _DRAIN_MARGIN_SECONDS,
+            timeout_worker_healthcheck=settings.worker_healthcheck_seconds,
         )
