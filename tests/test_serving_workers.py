@@ -22,6 +22,8 @@ import pytest
 from live_server import LiveServer, live_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from melanoma.config import Settings
+
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 PREDICTIONS = 10
@@ -133,8 +135,10 @@ def test_two_workers_give_one_set_of_metrics_and_one_log_format(trained_run: Pat
             assert time.monotonic() < deadline, "the stalled request never counted as in flight"
             time.sleep(0.2)
         os.kill(first, signal.SIGKILL)
+        # uvicorn notices once its health check of the worker times out (worker_healthcheck_seconds).
         wait_for("the supervisor noticing the dead worker", server,
-                 lambda lines: any(r["message"] == f"Child process [{first}] died" for r in lines))
+                 lambda lines: any(r["message"] == f"Child process [{first}] died" for r in lines),
+                 3 * Settings().worker_healthcheck_seconds)
         exposition = scrape(clients[second])
         assert metric_total(exposition, "melanoma_http_requests_in_flight") == 1  # the dead worker's request is gone
         assert metric_total(exposition, "melanoma_predictions_total") == PREDICTIONS  # its counts are not
