@@ -124,7 +124,9 @@ def test_two_workers_give_one_set_of_metrics_and_one_log_format(trained_run: Pat
             release.wait(300)
 
         def send_stalled() -> None:
-            with contextlib.suppress(httpx.HTTPError):
+            # It fails, one way or another: the worker dies, then the body ends short
+            # (h11's LocalProtocolError, which httpx lets through).
+            with contextlib.suppress(Exception):
                 clients[first].post("/v1/predict", content=stalled_body(),
                                     headers={"Content-Type": "multipart/form-data; boundary=x", "Content-Length": "99999"})
 
