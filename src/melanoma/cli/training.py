@@ -94,6 +94,7 @@ def train_command(
     )
     from melanoma.modeling.runs import read_run_meta, recorded_archive
     from melanoma.modeling.train import train
+    from melanoma.modeling.train_config import TrainConfig
 
     settings = settings_for(
         ctx, archive_dir=archive, model=model, weights=weights, epochs=epochs, batch_size=batch_size, learning_rate=lr,
@@ -104,7 +105,9 @@ def train_command(
     if resume:
         if run_dir is None:
             raise MelanomaError("--resume needs the --run-dir of the run to continue.", hint="`melanoma runs` lists the runs.")
-        archive_dir = archive or recorded_archive(read_run_meta(run_dir), run_dir)
+        meta = read_run_meta(run_dir)
+        archive_dir = archive or recorded_archive(meta, run_dir)
+        _warn_ignored_on_resume(ctx, meta, run_dir)
     else:
         archive_dir = settings.archive_dir
         run_dir = run_dir or settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}"
@@ -117,12 +120,7 @@ def train_command(
               f"on {archive_dir} ({len(opened.indices('train')):,} training images); run folder {run_dir}")
     with terminate_as_interrupt(), process_run_dir(run_dir, parallel, resume) as own_dir:  # process 0 writes the run folder
         result = train(
-            opened, own_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
-            batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
-            class_balance=settings.class_balance, augment=settings.augment, extra_augment=settings.extra_augment,
-            vignette_augment=settings.vignette_augment,
-            early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
-            freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
+            opened, own_dir, None if resume else TrainConfig.from_settings(settings), resume=resume,
             weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
             ood_flag_fraction=settings.ood_flag_fraction,
             parallel=parallel, progress=parallel is None or parallel.is_chief,
@@ -135,6 +133,27 @@ def train_command(
     out.print(f"Done ({result.stopped_by.replace('_', ' ')}): {result.epochs_done} epochs, {best}, "
               f"{result.seconds / 60:.1f} min. Model: {run_dir / 'model.keras'}")
     out.print(f"Next: melanoma evaluate --run {run_dir}", highlight=False)
+
+
+# `train` parameters named otherwise than the training option they set
+TRAIN_PARAMETER_OPTIONS = {"lr": "learning_rate", "time_limit": "time_limit_minutes"}
+
+
+def _warn_ignored_on_resume(ctx: typer.Context, meta: dict[str, Any], run_dir: Path) -> None:
+    """One warning per training option given on the command line that differs from the
+    resumed run's own: the run continues with the options it was started with."""
+    from melanoma.modeling.runs import RUN_FILE, recorded_training
+    from melanoma.modeling.train_config import OPTION_NAMES, ignored_options
+
+    # By name: Typer ships its own copy of click, whose ParameterSource is not click's.
+    params = {TRAIN_PARAMETER_OPTIONS.get(param.name, param.name): param for param in ctx.command.params
+              if getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"}
+    passed = {option: ctx.params[param.name] for option, param in params.items() if option in OPTION_NAMES}
+    for option, given, kept in ignored_options(recorded_training(meta, run_dir), passed):
+        param = params[option]
+        flag = (param.opts[0] if given else param.secondary_opts[0]) if param.secondary_opts else f"{param.opts[0]} {given}"
+        console.print(f"[yellow]Warning:[/] {flag} is ignored: the resumed run keeps its {option} = {kept} "
+                      f"(from {run_dir / RUN_FILE}).", highlight=False)
 
 
 @app.command("evaluate")

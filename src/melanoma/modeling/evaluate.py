@@ -23,7 +23,6 @@ and NLL before and after, with a reliability diagram of each.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 from melanoma.config import NEVUS_LABELS
 from melanoma.errors import ModelError
-from melanoma.files import write_json, write_text
+from melanoma.files import utc_now, write_json, write_text
 from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.cards import fmt, fmt_ci, train_command, write_model_card
 from melanoma.modeling.feed import check_archive, predict_rows
@@ -179,7 +178,7 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     mel_index = melanoma_index(classes)
 
     metrics: dict[str, Any] = {"split": split, "n_images": int(len(rows)), "run_id": run.run_id,
-                               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+                               "evaluated": utc_now(), "seed": seed,
                                "tta": tta, "temperature": temperature}
     metrics.update(classification_metrics(labels, probabilities, classes))
     metrics["calibration"] = {"temperature": temperature, "fitted_temperature": run.temperature,
