@@ -63,22 +63,9 @@ from melanoma.modeling.distribute import Parallel, ReplicatedPredict, engine_inf
 from melanoma.modeling.feed import ArchiveFeed
 from melanoma.modeling.metrics import melanoma_index, normalised, validation_scores
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, freeze_batchnorm
-from melanoma.modeling.runs import (
-    COMPLETE,
-    CONFIG_FILE,
-    HISTORY_FILE,
-    INTERRUPTED,
-    LAST_FILE,
-    MODEL_FILE,
-    RUN_FILE,
-    RUNNING,
-    SPLIT_FILE,
-    TENSORBOARD_DIR,
-    VERSIONS_FILE,
-    read_run_meta,
-    recorded_training,
-    training_process,
-)
+from melanoma.modeling.runs import (COMPLETE, CONFIG_FILE, HISTORY_FILE, INTERRUPTED, LAST_FILE, MODEL_FILE, RUN_FILE,
+                                    RUNNING, SPLIT_FILE, TENSORBOARD_DIR, VERSIONS_FILE, read_run_meta,
+                                    recorded_training, training_process)
 from melanoma.modeling.train_config import TrainConfig
 from melanoma.provenance import git_state
 
