@@ -169,12 +169,12 @@ def evaluate_command(
 ) -> None:
     """Evaluate a run: metrics.json, figures, report.md and ISIC-format predictions in the run folder."""
     from melanoma.data.archive import open_archive
-    from melanoma.modeling.evaluate import REPORT_FILE, evaluate_run
-    from melanoma.modeling.runs import read_run, recorded_archive
+    from melanoma.modeling.evaluate import evaluate_run
+    from melanoma.modeling.runs import REPORT_FILE, read_run
 
     settings = settings_for(ctx, bootstrap_samples=bootstrap, target_sensitivity=target_sensitivity, calibration=calibration)
     info = read_run(run)
-    opened = open_archive(archive or recorded_archive(info.meta, run))
+    opened = open_archive(archive or info.archive_path)
     with console.status(f"Evaluating {run} on the {split} split ..."):
         metrics = evaluate_run(run, opened, split, target_sensitivity=settings.target_sensitivity,
                                bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, tta=tta,
@@ -271,7 +271,7 @@ def calibrate_command(
 
     settings = settings_for(ctx, ood_flag_fraction=flag_fraction)
     info = read_run(run)
-    opened = open_archive(archive or Path(info.meta["archive"]["path"]))
+    opened = open_archive(archive or info.archive_path)
     with console.status(f"Fitting the temperature and the out-of-distribution gate of {run} ..."):
         fitted = fit_reliability(run, opened, flag_fraction=settings.ood_flag_fraction)
     calibration, ood = fitted["calibration"], fitted["ood"]

@@ -164,8 +164,8 @@ def make_ensemble(run_dirs: list[Path], out_dir: Path) -> RunInfo:
         "created": utc_now(), "status": COMPLETE,
         "ensemble": {"combine": COMBINE, "members": [
             {"name": f"{MEMBER_PREFIX}{index}", "run": str(run.path.resolve()), "run_id": run.run_id,
-             "model": run.meta.get("model"), "weights": run.meta.get("weights"),
-             "seed": (run.meta.get("training") or {}).get("seed"), "temperature": temperature,
+             "model": run.model, "weights": run.meta.get("weights"),
+             "seed": run.training.seed if run.training else None, "temperature": temperature,
              "model_sha256": sha256_file(run.model_path)}
             for index, (run, temperature) in enumerate(zip(runs, temperatures))
         ]},
