@@ -169,6 +169,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate a run: metrics.json, figures, report.md and ISIC-format predictions in the run folder."""
     from melanoma.data.archive import open_archive
+    from melanoma.modeling.cards import fmt, fmt_ci
     from melanoma.modeling.evaluate import evaluate_run
     from melanoma.modeling.runs import REPORT_FILE, read_run
 
@@ -184,19 +185,19 @@ def evaluate_command(
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI (lesion bootstrap)", justify="right")
-    table.add_row("balanced multiclass accuracy", _number(metrics["bma"]), _interval(ci.get("bma")))
-    table.add_row("accuracy", _number(metrics["accuracy"]), "")
-    table.add_row("macro ROC AUC", _number(metrics["macro_auc"]), "")
+    table.add_row("balanced multiclass accuracy", fmt(metrics["bma"]), fmt_ci(ci.get("bma")))
+    table.add_row("accuracy", fmt(metrics["accuracy"]), "")
+    table.add_row("macro ROC AUC", fmt(metrics["macro_auc"]), "")
     melanoma = metrics.get("melanoma")
     if melanoma:
-        table.add_row("melanoma ROC AUC", _number(melanoma["auc"]), _interval(ci.get("melanoma_auc")))
+        table.add_row("melanoma ROC AUC", fmt(melanoma["auc"]), fmt_ci(ci.get("melanoma_auc")))
         table.add_row(f"melanoma sensitivity / specificity (threshold {melanoma['threshold']:.3f} from val)",
-                      f"{_number(melanoma['sensitivity'])} / {_number(melanoma['specificity'])}", "")
-        table.add_row(f"specificity at sensitivity {melanoma['target_sensitivity']}", _number(melanoma["specificity_at_target"]), "")
+                      f"{fmt(melanoma['sensitivity'])} / {fmt(melanoma['specificity'])}", "")
+        table.add_row(f"specificity at sensitivity {melanoma['target_sensitivity']}", fmt(melanoma["specificity_at_target"]), "")
     before, temperature = metrics["calibration"]["before"], metrics["temperature"]
     for name, key in (("expected calibration error", "ece"), ("Brier score", "brier"), ("NLL (log loss)", "nll")):
         after = metrics["log_loss" if key == "nll" else key]
-        table.add_row(name + (f" (uncalibrated {_number(before[key])})" if temperature != 1 else ""), _number(after), "")
+        table.add_row(name + (f" (uncalibrated {fmt(before[key])})" if temperature != 1 else ""), fmt(after), "")
     out.print(table)
     out.print(f"Temperature {temperature:.3f} applied." if temperature != 1 else
               "Uncalibrated probabilities (no temperature applied).", highlight=False)
@@ -206,6 +207,8 @@ def evaluate_command(
 
 def _print_subgroups(metrics: dict[str, Any]) -> None:
     """The per-source and melanoma-vs-nevi figures of an evaluation, where it has them."""
+    from melanoma.modeling.cards import fmt, fmt_ci
+
     per_source = metrics.get("per_source")
     if per_source:
         column = per_source["column"]
@@ -214,12 +217,12 @@ def _print_subgroups(metrics: dict[str, Any]) -> None:
             table.add_column(column, justify="left" if column == "source" else "right")
         for name, row in per_source["sources"].items():
             table.add_row(name, str(row["n_images"]), str(row["melanomas"] if row["melanomas"] is not None else "–"),
-                          _number(row["bma"]), _number(row["melanoma_auc"]))
+                          fmt(row["bma"]), fmt(row["melanoma_auc"]))
         out.print(table)
     for name, row in (metrics.get("melanoma_vs_nevi") or {}).items():
         nevi = "histopathology-confirmed nevi" if name == "histopathology" else "all nevi"
-        out.print(f"Melanoma vs {nevi} ({row['melanomas']} vs {row['nevi']}): ROC AUC {_number(row['auc'])} "
-                  f"[{_interval(row['ci'])}]", highlight=False)
+        out.print(f"Melanoma vs {nevi} ({row['melanomas']} vs {row['nevi']}): ROC AUC {fmt(row['auc'])} "
+                  f"[{fmt_ci(row['ci'])}]", highlight=False)
 
 
 @app.command("compare")
@@ -295,6 +298,7 @@ def runs_command(
 
     Status: complete, interrupted (resume it), running, failed (its process is gone) or unreadable.
     """
+    from melanoma.modeling.cards import fmt
     from melanoma.modeling.runs import run_rows, run_rows_text
 
     settings = settings_for(ctx, runs_dir=runs_dir)
@@ -311,15 +315,8 @@ def runs_command(
         table.add_column(column, justify="left" if column in ("run", "status", "model", "evaluated", "problem") else "right")
     for row in rows:
         table.add_row(row["run"], row["status"], str(row["model"] or "–"), str(row["image_size"] or "–"),
-                      str(row["epochs"] if row["epochs"] is not None else "–"), _number(row["best_val_bma"]),
-                      row["evaluated"] or "–", _number(row["bma"]), _number(row["melanoma_auc"]), _number(row["ece"]),
+                      str(row["epochs"] if row["epochs"] is not None else "–"), fmt(row["best_val_bma"]),
+                      row["evaluated"] or "–", fmt(row["bma"]), fmt(row["melanoma_auc"]), fmt(row["ece"]),
                       row["problem"] or "")
     out.print(table)
 
-
-def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _interval(interval: list[float] | None) -> str:
-    return "–" if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"

@@ -160,14 +160,18 @@ def read_run(run_dir: Path) -> RunInfo:
             f"{run_dir} has no {MODEL_FILE} (status: {meta.get('status', 'unknown')}).",
             hint="Train it to the end, or resume it with `melanoma train --resume --run-dir ...`.",
         )
-    metrics = None
-    metrics_path = run_dir / METRICS_FILE
-    if metrics_path.is_file():
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except ValueError as exc:
-            raise ModelError(f"{metrics_path} is corrupt: {exc}") from None
-    return RunInfo(run_dir, meta, classes, image_size, params, model_path, metrics)
+    return RunInfo(run_dir, meta, classes, image_size, params, model_path, read_metrics(run_dir))
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``metrics.json`` (None before ``evaluate``), with a clear error if corrupt."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{path} is corrupt: {exc}") from None
 
 
 def list_runs(runs_dir: Path) -> list[RunInfo]:
@@ -225,12 +229,10 @@ def run_rows(runs_dir: Path) -> list[dict[str, Any]]:
         except ModelError as exc:
             rows.append({**row, "status": UNREADABLE, "problem": str(exc)})
             continue
-        metrics = None
-        if (child / METRICS_FILE).is_file():
-            try:
-                metrics = json.loads((child / METRICS_FILE).read_text())
-            except ValueError as exc:
-                row["problem"] = f"{child / METRICS_FILE} is corrupt: {exc}"
+        try:
+            metrics = read_metrics(child)
+        except ModelError as exc:
+            metrics, row["problem"] = None, str(exc)
         best = meta.get("best") or {}
         metrics = metrics or {}
         row.update(run=str(meta.get("run_id", child.name)), status=run_status(meta), model=meta.get("model"),
