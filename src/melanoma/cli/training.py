@@ -298,7 +298,7 @@ def runs_command(
 
     Status: complete, interrupted (resume it), running, failed (its process is gone) or unreadable.
     """
-    from melanoma.modeling.cards import fmt
+    from melanoma.modeling.cards import fmt as number  # `fmt` is the --format option here
     from melanoma.modeling.runs import run_rows, run_rows_text
 
     settings = settings_for(ctx, runs_dir=runs_dir)
@@ -315,8 +315,8 @@ def runs_command(
         table.add_column(column, justify="left" if column in ("run", "status", "model", "evaluated", "problem") else "right")
     for row in rows:
         table.add_row(row["run"], row["status"], str(row["model"] or "–"), str(row["image_size"] or "–"),
-                      str(row["epochs"] if row["epochs"] is not None else "–"), fmt(row["best_val_bma"]),
-                      row["evaluated"] or "–", fmt(row["bma"]), fmt(row["melanoma_auc"]), fmt(row["ece"]),
+                      str(row["epochs"] if row["epochs"] is not None else "–"), number(row["best_val_bma"]),
+                      row["evaluated"] or "–", number(row["bma"]), number(row["melanoma_auc"]), number(row["ece"]),
                       row["problem"] or "")
     out.print(table)
 

@@ -43,6 +43,15 @@ KNOWN_FAILURES = [
 ]
 
 
+def reproduce_command(meta: dict[str, Any], run_dir: Path, archive_path: Path | str) -> str:
+    """The command that makes the run again: `melanoma ensemble` of its members for an
+    ensemble, else `melanoma train` with its recorded options."""
+    ensemble = meta.get("ensemble")
+    if ensemble:
+        return f"melanoma ensemble --out {run_dir} --runs " + " ".join(member["run"] for member in ensemble["members"])
+    return train_command(recorded_training(meta, run_dir), archive_path)
+
+
 def train_command(config: TrainConfig, archive_path: Path | str) -> str:
     """The `melanoma train` command that repeats a run: every recorded option is spelled
     out, so that a later change of a default does not change what it trains."""
@@ -100,7 +109,7 @@ def render_model_card(run_dir: Path, archive_header: dict[str, Any]) -> str:
         "",
         "```",
         prepare_command(archive_header, recorded_archive(meta, run_dir)),
-        train_command(recorded_training(meta, run_dir), recorded_archive(meta, run_dir)),
+        reproduce_command(meta, run_dir, recorded_archive(meta, run_dir)),
         f"melanoma evaluate --run {run_dir}" + (f" --split {metrics['split']}" if metrics else "")
         + (" --tta" if metrics and metrics.get("tta") else ""),
         "```",

@@ -60,7 +60,7 @@ class EvaluatedRun:
 
     @property
     def seed(self) -> int | None:
-        return self.run.training.seed if self.run.training else None
+        return (self.run.meta.get("training") or {}).get("seed")
 
 
 def load_evaluated(run_dir: Path, split: str = "test", archive_dir: Path | None = None) -> EvaluatedRun:

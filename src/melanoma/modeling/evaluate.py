@@ -32,7 +32,7 @@ from melanoma.config import NEVUS_LABELS
 from melanoma.errors import ModelError
 from melanoma.files import utc_now, write_json, write_text
 from melanoma.modeling.calibration import temperature_scale
-from melanoma.modeling.cards import fmt, fmt_ci, train_command, write_model_card
+from melanoma.modeling.cards import fmt, fmt_ci, reproduce_command, write_model_card
 from melanoma.modeling.feed import check_archive, predict_rows
 from melanoma.modeling.isic import submission_table, truth_table
 from melanoma.modeling.metrics import (
@@ -231,7 +231,7 @@ def _operating_point(metrics: dict[str, Any]) -> tuple[float, float] | None:
 def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> str:
     """The evaluation as Markdown: summary, melanoma operating point, per-class table,
     confusion matrix, figures, and the commands that reproduce it."""
-    run_dir, ensemble = run.path, run.meta.get("ensemble")
+    run_dir = run.path
     ci = metrics.get("ci", {})
     split = metrics["split"]
     lines = [
@@ -312,9 +312,7 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
         "## Reproduce",
         "",
         "```",
-        f"melanoma ensemble --out {run_dir} --runs " + " ".join(m["run"] for m in ensemble["members"])
-        if ensemble else
-        train_command(run.training, archive.path),
+        reproduce_command(run.meta, run_dir, archive.path),
         f"melanoma evaluate --run {run_dir} --split {split} --archive {archive.path}",
         "```",
         "",
