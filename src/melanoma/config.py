@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     crop_vignette: bool = Field(True, description="Crop the dark circular vignette of BCN-style images.")
     color_constancy: bool = Field(True, description="Shades of Gray colour constancy (p=6).")
     hair_removal: bool = Field(False, description="DullRazor-style hair removal (can erase diagnostic dots).")
-    resize_mode: Literal["crop", "pad", "squash"] = "crop"
+    resize_mode: Literal["crop", "pad", "squash", "lesion"] = "crop"
     max_pixels: int = Field(50_000_000, ge=1, le=1_000_000_000, description="Refuse images with more pixels (decompression bombs).")
     min_side: int = Field(8, ge=1, le=4096, description="Refuse images with a smaller side.")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024)
