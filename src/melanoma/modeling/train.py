@@ -77,7 +77,7 @@ FINE_TUNE_LR_FACTOR = 0.1
 MIN_LR_FRACTION = 0.02  # the cosine schedule ends at 2% of the starting rate, not zero
 VERSIONED_PACKAGES = ("numpy", "keras", "tensorflow-cpu", "tensorflow", "scikit-learn", "pandas", "opencv-python-headless")
 
-ClassBalance = Literal["weights", "sampling", "none"]
+ClassBalance = Literal["weights", "sampling", "class-source", "none"]
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,8 @@ def train(
     shard = parallel.shard if parallel is not None else None
     feed = ArchiveFeed(archive.images, archive.labels, train_rows, batch_size=options["batch_size"], shuffle=True,
                        seed=options["seed"], first_epoch=first_epoch, shard=shard,
-                       row_probabilities=balanced_sampling_probabilities(train_labels) if options["class_balance"] == "sampling" else None)
+                       row_probabilities=sampling_probabilities(options["class_balance"], train_labels,
+                                                                archive.manifest.iloc[train_rows].get("source")))
     val_batch = max(64, options["batch_size"])
     val_feed = ArchiveFeed(archive.images, archive.labels, val_rows, shard=shard,
                            batch_size=val_batch if parallel is None else parallel.round_up(val_batch))
@@ -458,10 +459,22 @@ def set_backbone_trainable(classifier: keras.Model, trainable: bool) -> None:
     freeze_batchnorm(backbone)  # setting trainable above reached every layer, BatchNorm too
 
 
-def balanced_sampling_probabilities(labels: np.ndarray) -> np.ndarray:
-    """Per-row probabilities that make every class equally likely to be drawn."""
-    counts = np.bincount(labels)
-    probabilities = 1.0 / counts[labels]
+def sampling_probabilities(class_balance: str, labels: np.ndarray, sources: Any = None) -> np.ndarray | None:
+    """Per-row probabilities of drawing each training row (with replacement), or None (every
+    row once per epoch) unless ``class_balance`` samples. "sampling": every class equally
+    likely. "class-source": every class equally likely and, within a class, every source
+    (``sources``, one per row, e.g. the manifest's clinic) equally likely, so that one
+    device's nevi do not stand for all nevi: p ∝ 1 / (n_sources_in_class × count(class,
+    source)). Without sources (an archive made before they were recorded), as "sampling"."""
+    if class_balance not in ("sampling", "class-source"):
+        return None
+    if class_balance == "sampling" or sources is None:
+        sources = np.zeros(len(labels))
+    _, source_codes = np.unique(np.asarray(sources).astype(str), return_inverse=True)
+    cells, cell_of_row, cell_counts = np.unique(np.stack([labels, source_codes.ravel()], axis=1), axis=0,
+                                                return_inverse=True, return_counts=True)
+    sources_in_class = np.bincount(cells[:, 0])
+    probabilities = 1.0 / (sources_in_class[labels] * cell_counts[cell_of_row.ravel()])
     return probabilities / probabilities.sum()
 
 
