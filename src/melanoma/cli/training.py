@@ -57,7 +57,7 @@ def train_command(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Starting learning rate (cosine decay).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, batch order and augmentation.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs_dir/<timestamp>-<model>).")] = None,
-    class_balance: Annotated[Optional[ClassBalanceChoice], typer.Option(help="weights (inverse frequency), sampling (balanced batches) or none.")] = None,
+    class_balance: Annotated[Optional[ClassBalanceChoice], typer.Option(help="weights (inverse frequency), sampling (balanced batches), class-source (batches balanced by class, and by source within each class) or none.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
     extra_augment: Annotated[Optional[bool], typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
     vignette_augment: Annotated[Optional[bool], typer.Option("--vignette-augment/--no-vignette-augment", help="Also blacken the corners of half the training images, as many dermatoscopes do.")] = None,

@@ -292,10 +292,11 @@ def train(
     clock = RunClock(float(run.meta.get("train_seconds", 0.0)),
                      run.config.time_limit_minutes * 60 if run.config.time_limit_minutes else None)
     clock.start()
+    feed = training_feed(run, archive, parallel)
     callbacks = assemble_callbacks(run, archive, clock, console=console, progress=progress, parallel=parallel)
     started = time.monotonic()
     try:
-        stopped_by = run_phases(run, archive, callbacks, clock, parallel)
+        stopped_by = run_phases(run, archive, feed, callbacks, clock)
     except KeyboardInterrupt:
         save_model(run.trainer, run_dir / LAST_FILE)
         run.meta.update(status=INTERRUPTED, train_seconds=round(clock.seconds(), 1))
@@ -362,10 +363,10 @@ def resume_run(run_dir: Path, archive: Archive, parallel: Parallel | None) -> Pr
 def training_feed(run: PreparedRun, archive: Archive, parallel: Parallel | None) -> ArchiveFeed:
     """The training batches (this process's shard of them), from the run's next epoch on."""
     config, rows = run.config, archive.indices("train")
-    sampling = config.class_balance == "sampling"
     return ArchiveFeed(archive.images, archive.labels, rows, batch_size=config.batch_size, shuffle=True,
                        seed=config.seed, first_epoch=run.first_epoch, shard=parallel.shard if parallel else None,
-                       row_probabilities=balanced_sampling_probabilities(archive.labels[rows]) if sampling else None)
+                       row_probabilities=sampling_probabilities(config.class_balance, archive.labels[rows],
+                                                                archive.manifest.iloc[rows].get("source")))
 
 
 @dataclass
@@ -401,11 +402,10 @@ def assemble_callbacks(run: PreparedRun, archive: Archive, clock: RunClock, *, c
     return Callbacks(every_phase, early_stopping, time_limit)
 
 
-def run_phases(run: PreparedRun, archive: Archive, callbacks: Callbacks, clock: RunClock,
-               parallel: Parallel | None) -> str:
-    """Fit the phases that have epochs left; return what stopped training: "epochs",
-    "early_stopping" or "time_limit" (KeyboardInterrupt passes through)."""
-    config, feed = run.config, training_feed(run, archive, parallel)
+def run_phases(run: PreparedRun, archive: Archive, feed: ArchiveFeed, callbacks: Callbacks, clock: RunClock) -> str:
+    """Fit the phases that have epochs left on ``feed``; return what stopped training:
+    "epochs", "early_stopping" or "time_limit" (KeyboardInterrupt passes through)."""
+    config = run.config
     class_weight = (class_weights(archive.labels[archive.indices("train")], len(archive.classes))
                     if config.class_balance == "weights" else None)
     for phase in _phases(config, run.first_epoch):
@@ -482,10 +482,22 @@ def set_backbone_trainable(classifier: keras.Model, trainable: bool) -> None:
     freeze_batchnorm(backbone)  # setting trainable above reached every layer, BatchNorm too
 
 
-def balanced_sampling_probabilities(labels: np.ndarray) -> np.ndarray:
-    """Per-row probabilities that make every class equally likely to be drawn."""
-    counts = np.bincount(labels)
-    probabilities = 1.0 / counts[labels]
+def sampling_probabilities(class_balance: str, labels: np.ndarray, sources: Any = None) -> np.ndarray | None:
+    """Per-row probabilities of drawing each training row (with replacement), or None (every
+    row once per epoch) unless ``class_balance`` samples. "sampling": every class equally
+    likely. "class-source": every class equally likely and, within a class, every source
+    (``sources``, one per row, e.g. the manifest's clinic) equally likely, so that one
+    device's nevi do not stand for all nevi: p ∝ 1 / (n_sources_in_class × count(class,
+    source)). Without sources (an archive made before they were recorded), as "sampling"."""
+    if class_balance not in ("sampling", "class-source"):
+        return None
+    if class_balance == "sampling" or sources is None:
+        sources = np.zeros(len(labels))
+    _, source_codes = np.unique(np.asarray(sources).astype(str), return_inverse=True)
+    cells, cell_of_row, cell_counts = np.unique(np.stack([labels, source_codes.ravel()], axis=1), axis=0,
+                                                return_inverse=True, return_counts=True)
+    sources_in_class = np.bincount(cells[:, 0])
+    probabilities = 1.0 / (sources_in_class[labels] * cell_counts[cell_of_row.ravel()])
     return probabilities / probabilities.sum()
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from melanoma.modeling.models import default_weights, is_pretrainable
 
-ClassBalance = Literal["weights", "sampling", "none"]
+ClassBalance = Literal["weights", "sampling", "class-source", "none"]
 # Options that runs recorded before they existed lack; the value is what those runs did.
 ADDED_LATER: dict[str, Any] = {"extra_augment": False, "vignette_augment": False}
 
