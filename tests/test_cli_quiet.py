@@ -40,7 +40,7 @@ def test_tf_logs_variable_leaves_tensorflow_alone(monkeypatch: pytest.MonkeyPatc
 def test_a_command_that_loads_tensorflow_prints_none_of_its_lines(trained_run: Path, ham_images_by_class: dict[str, Path]) -> None:
     env = {name: value for name, value in os.environ.items() if name not in ("TF_CPP_MIN_LOG_LEVEL", "MELANOMA_TF_LOGS")}
     result = subprocess.run([sys.executable, "-m", "melanoma", "predict", "--run", str(trained_run), "--format", "csv",
-                             str(ham_images_by_class["mel"])], capture_output=True, text=True, env=env, timeout=600)
+                             str(ham_images_by_class["mel"])], capture_output=True, text=True, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert ham_images_by_class["mel"].name in result.stdout
     for noise in ("absl", "oneDNN", "I0000", "cpu_feature_guard", "port.cc"):
