@@ -17,7 +17,8 @@ from melanoma.data.archive import build_archive, open_archive
 from melanoma.data.card import DATASET_CARD_FILE, preprocessing_text
 from melanoma.data.preprocess import PreprocessParams
 from melanoma.data.sources import read_dataset
-from melanoma.modeling.cards import MODEL_CARD_FILE, write_model_card
+from melanoma.modeling.cards import write_model_card
+from melanoma.modeling.runs import MODEL_CARD_FILE
 from melanoma.provenance import git_state
 
 REPO = Path(__file__).resolve().parents[1]

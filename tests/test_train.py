@@ -23,7 +23,9 @@ from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.feed import ArchiveFeed, predict_rows
 from melanoma.modeling.models import small_cnn
 from melanoma.modeling.augment import RandomVignette
+from melanoma.config import Settings
 from melanoma.modeling.train import class_weights, train, training_model
+from melanoma.modeling.train_config import TrainConfig
 
 RUN_FILES = {"run.json", "model.keras", "last.keras", "config.json", "split.csv", "history.csv", "versions.json"}
 
@@ -68,7 +70,8 @@ def test_class_source_sampling_evens_out_classes_and_sources_within_each() -> No
     from typing import get_args
 
     from melanoma.config import ClassBalanceChoice
-    from melanoma.modeling.train import ClassBalance, sampling_probabilities
+    from melanoma.modeling.train import sampling_probabilities
+    from melanoma.modeling.train_config import ClassBalance
 
     assert set(get_args(ClassBalanceChoice)) == set(get_args(ClassBalance))  # the CLI's choices are train's
 
@@ -111,8 +114,9 @@ def test_training_samples_by_class_and_source(small_ham_archive: Path, tmp_path:
 
     monkeypatch.setattr(train_module, "ArchiveFeed", SpyFeed)
     archive = open_archive(small_ham_archive)
-    result = train(archive, tmp_path / "run", model_name="cnn", weights="none", epochs=1, batch_size=32,
-                   learning_rate=1e-3, seed=0, class_balance="class-source", progress=False)
+    config = TrainConfig.from_settings(Settings(), model="cnn", weights="none", epochs=1, batch_size=32,
+                                       learning_rate=1e-3, seed=0, class_balance="class-source", vignette_augment=False)
+    result = train(archive, tmp_path / "run", config, progress=False)
     assert result.status == "complete"
     assert json.loads((tmp_path / "run" / "run.json").read_text())["training"]["class_balance"] == "class-source"
     p = probabilities[0]  # the training feed's (the validation feed's is None)
@@ -205,16 +209,17 @@ def test_a_stopped_run_saves_a_checkpoint_and_resume_continues(signal_number: in
     extra = history.tail(1).assign(epoch=meta["epochs_done"])
     pd.concat([history, extra]).to_csv(run / "history.csv", index=False)
     archive = open_archive(small_ham_archive)
-    options = {"model_name": "cnn", "weights": None, "epochs": 3, "batch_size": 64, "learning_rate": 1e-3, "seed": 1, "progress": False}
+    config = TrainConfig.from_settings(Settings(), model="cnn", epochs=3, batch_size=64, seed=1)
+    assert TrainConfig.from_dict(meta["training"]) == config  # what the CLI recorded
     with pytest.raises(ModelError, match="unfinished run"):
-        train(archive, run, **options)
-    resumed = train(archive, run, resume=True, **options)
+        train(archive, run, config, progress=False)
+    resumed = train(archive, run, resume=True, progress=False)
     assert resumed.status == "complete" and resumed.epochs_done == 3
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "complete" and meta["epochs_done"] == 3
     with pytest.raises(ModelError, match="already complete"):
-        train(archive, run, resume=True, **options)
+        train(archive, run, resume=True, progress=False)
 
 
 @pytest.mark.realdata
@@ -302,3 +307,22 @@ def test_vignette_augmentation_blackens_corners_only() -> None:
     assert 8 <= vignetted.sum() <= 24 and np.allclose(corners[~vignetted], 200)  # about half the images
     assert (corners < 5).sum() >= 4  # most circles are smaller than the square: black corners
     assert np.array_equal(keras.ops.convert_to_numpy(layer(bright, training=False)), bright)
+
+
+@pytest.mark.realdata
+def test_resume_warns_about_each_option_it_ignores(cli, trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    result = cli("train", "--resume", "--run-dir", run, "--epochs", "3", "--lr", "0.5", "--no-augment",
+                 "--batch-size", "32", "--model", "cnn")
+    assert result.code == 0, result
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert warnings == [
+        f"Warning: --epochs 3 is ignored: the resumed run keeps its epochs = 1 (from {run / 'run.json'}).",
+        f"Warning: --lr 0.5 is ignored: the resumed run keeps its learning_rate = 0.001 (from {run / 'run.json'}).",
+        f"Warning: --no-augment is ignored: the resumed run keeps its augment = True (from {run / 'run.json'}).",
+    ]  # --batch-size 32 and --model cnn are the run's own: nothing to say
+    resumed = json.loads((run / "run.json").read_text())
+    assert resumed["training"] == meta["training"] and resumed["epochs_done"] == 1 and resumed["status"] == "complete"
