@@ -37,6 +37,7 @@ from melanoma.modeling.metrics import (
 )
 from melanoma.files import write_json
 from melanoma.modeling.runs import RunInfo, predictions_file, read_run
+from melanoma.modeling.train_config import ADDED_LATER
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -209,7 +210,9 @@ def recipe(run: EvaluatedRun) -> str | None:
     training = meta.get("training")
     if not isinstance(training, dict) or "seed" not in training:
         return None
-    return json.dumps({"training": {k: v for k, v in training.items() if k != "seed"},
+    # Runs recorded before an option existed did without it: the same recipe as saying so.
+    options = {**ADDED_LATER, **training}
+    return json.dumps({"training": {k: v for k, v in options.items() if k != "seed"},
                        "archive": (meta.get("archive") or {}).get("sha256"), "image_size": meta.get("image_size"),
                        "preprocess": meta.get("preprocess"), "classes": meta.get("classes"), "tta": run.tta},
                       sort_keys=True, default=str)
