@@ -21,6 +21,9 @@ def _interval(value: float | None, ci: list[float] | None) -> str:
 
 
 def _recipe(meta: dict[str, Any]) -> str:
+    members = (meta.get("ensemble") or {}).get("members")
+    if members:
+        return f"ensemble of {', '.join(member['run_id'] for member in members)}"
     training = meta.get("training") or {}
     preprocess = meta.get("preprocess") or {}
     parts = [preprocess.get("resize_mode", "crop"), f"{meta.get('image_size', '?')} px"]
