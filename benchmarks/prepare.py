@@ -7,9 +7,10 @@ the same run and on the same files:
 - pipeline: ``read_dataset`` + ``build_archive`` on a folder-per-class data set, with
   reduced-size JPEG decoding, vignette crop, colour constancy, all cores;
 
-and the peak memory (ru_maxrss of a fresh process running the whole prepare, and of its
+the peak memory (ru_maxrss of a fresh process running the whole prepare, and of its
 largest worker) for two data set sizes, to show that it does not grow with the number
-of images.
+of images, and the cost of the framing: ``load_image`` with ``crop`` (the baseline) and
+``lesion`` (which searches for the lesion) on the real files, one process, interleaved.
 
     .venv/bin/python benchmarks/prepare.py [--n 2000] [--sizes 128,224] [--workdir DIR] [--quick]
 """
@@ -36,11 +37,12 @@ from rich.table import Table
 
 from melanoma.config import Settings
 from melanoma.data.archive import build_archive
-from melanoma.data.preprocess import PreprocessParams
+from melanoma.data.preprocess import PreprocessParams, load_image
 from melanoma.data.sources import read_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 HAM_DIR = REPO.parent / "shared" / "data" / "ham10000"
+ISIC_DIR = REPO.parent / "shared" / "data" / "isic2019" / "ISIC_2019_Training_Input"
 INPUT_SIDE = 1024
 JPEG_QUALITY = 95
 console = Console()
@@ -197,6 +199,19 @@ def run_prepare(workdir: Path, files: list[Path], size: int) -> dict[str, float]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def framing_rates(files: list[Path], size: int, repeat: int) -> dict[str, float]:
+    """Images per second of load_image with each framing (best of ``repeat`` interleaved passes)."""
+    best = {"crop": 0.0, "lesion": 0.0}
+    for _ in range(repeat):
+        for mode in best:
+            params = PreprocessParams(size, resize_mode=mode)
+            started = time.perf_counter()
+            for path in files:
+                load_image(path, params)
+            best[mode] = max(best[mode], len(files) / (time.perf_counter() - started))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="images for the throughput runs")
@@ -204,6 +219,7 @@ def main() -> None:
     parser.add_argument("--memory-n", default="2000,8000", help="data set sizes for the peak-memory runs")
     parser.add_argument("--naive-n", type=int, default=500, help="images for the (slow) naive baseline")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions of each throughput run")
+    parser.add_argument("--framing-n", type=int, default=500, help="real images of each source for the framing table")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/melanoma-bench"))
     parser.add_argument("--ham-dir", type=Path, default=HAM_DIR)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 images, memory at 200 and 800, no repeats")
@@ -214,7 +230,7 @@ def main() -> None:
         prepare_child(args.child, args.workdir, sizes[0])
         return
     if args.quick:
-        args.n, args.memory_n, args.naive_n, args.repeat = 200, "200,800", 50, 1
+        args.n, args.memory_n, args.naive_n, args.repeat, args.framing_n = 200, "200,800", 50, 1, 100
     n, naive_n, memory_ns = args.n, min(args.naive_n, args.n), [int(m) for m in args.memory_n.split(",")]
 
     files = make_inputs(args.workdir, max(n, *memory_ns), ham_images(args.ham_dir))
@@ -254,6 +270,19 @@ def main() -> None:
         peaks = (run[key] for key in ("main_mb", "worker_mb", "worker_anon_mb", "total_mb"))
         memory.add_row(f"{count:,}", *(f"{mb:,.0f}" for mb in peaks), f"{archive_mb:,.0f}", f"{count / run['seconds']:,.0f}")
     console.print(memory)
+
+    framing = Table(title=f"load_image, one process, best of {args.repeat}: crop (baseline) vs lesion framing, images/s")
+    for column in ("images", "size", "crop", "lesion", "lesion / crop"):
+        framing.add_column(column, justify="right")
+    sources = {"HAM10000 200x150": sorted(ham_images(args.ham_dir)["path"])[: args.framing_n],
+               "ISIC Archive 256x256": sorted(ISIC_DIR.glob("*.jpg"))[: args.framing_n],
+               f"{INPUT_SIDE}x{INPUT_SIDE} JPEGs": files[: args.framing_n]}
+    for name, paths in sources.items():
+        for size in sizes:
+            rates = framing_rates(paths, size, args.repeat)
+            framing.add_row(f"{len(paths):,} {name}", f"{size} px", f"{rates['crop']:,.0f}", f"{rates['lesion']:,.0f}",
+                            f"{rates['lesion'] / rates['crop']:.2f}x")
+    console.print(framing)
     console.print(f"Load average {os.getloadavg()[0]:.1f} at the end.")
 
 

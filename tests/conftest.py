@@ -132,11 +132,14 @@ def trained_run_seed1(small_ham_archive: Path, tmp_path_factory: pytest.TempPath
 def _train_and_evaluate(archive_path: Path, run_dir: Path, *, seed: int) -> Path:
     from melanoma.data.archive import open_archive
     from melanoma.modeling.evaluate import evaluate_run
+    from melanoma.config import Settings
     from melanoma.modeling.train import train
+    from melanoma.modeling.train_config import TrainConfig
 
     archive = open_archive(archive_path)
-    train(archive, run_dir, model_name="cnn", weights="none", epochs=1, batch_size=32, learning_rate=1e-3, seed=seed,
-          progress=False)
+    config = TrainConfig.from_settings(Settings(), model="cnn", weights="none", epochs=1, batch_size=32,
+                                       learning_rate=1e-3, seed=seed, vignette_augment=False)
+    train(archive, run_dir, config, progress=False)
     evaluate_run(run_dir, archive, "test", target_sensitivity=0.741, bootstrap_samples=50, seed=0)
     return run_dir
 

@@ -14,10 +14,11 @@ import pytest
 from huggingface_hub import DatasetCard, ModelCard
 
 from melanoma.data.archive import build_archive, open_archive
-from melanoma.data.card import DATASET_CARD_FILE
+from melanoma.data.card import DATASET_CARD_FILE, preprocessing_text
 from melanoma.data.preprocess import PreprocessParams
 from melanoma.data.sources import read_dataset
-from melanoma.modeling.cards import MODEL_CARD_FILE, write_model_card
+from melanoma.modeling.cards import write_model_card
+from melanoma.modeling.runs import MODEL_CARD_FILE
 from melanoma.provenance import git_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,3 +115,11 @@ def test_dataset_card_counts_sources_classes_and_skipped_files(ham_dir: Path, tm
     assert "centre-crop to 32x32" in text and "Shades of Gray" not in text
     assert f"--out {out} --image-size 32 --seed 0" in text and "--no-color-constancy --crop-vignette" in text
     assert archive.header["sha256"] in text
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("crop", "then centre-crop to 32x32"), ("pad", "then pad with black to 32x32"),
+    ("squash", "resize the whole image to 32x32"), ("lesion", "grow its box by 0.25 of its size per side"),
+])
+def test_preprocessing_text_names_the_framing(mode: str, words: str) -> None:
+    assert words in preprocessing_text(PreprocessParams(32, resize_mode=mode).to_dict())

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from melanoma import config
 from melanoma import cli as cli_module
 from melanoma.data.download import DATASETS
+from melanoma.data.preprocess import RESIZE_MODES
 from melanoma.data.splits import SPLITS
 from melanoma.modeling.explain import METHODS
 from melanoma.modeling.export import EXPORT_FORMATS
@@ -33,6 +34,7 @@ def test_cli_choices_are_the_librarys() -> None:
     assert set(get_args(config.SplitChoice)) == set(SPLITS)
     assert set(get_args(config.ExportFormat)) == set(EXPORT_FORMATS)
     assert set(get_args(config.DownloadChoice)) == set(DATASETS)
+    assert set(get_args(config.Settings.model_fields["resize_mode"].annotation)) == set(RESIZE_MODES)
 
 
 def test_version(cli) -> None:

@@ -125,6 +125,18 @@ def test_seed_summary_groups_runs_that_differ_only_by_seed(truth: tuple[np.ndarr
     assert result["runs"][1]["difference"]["bma"]["ci"] is None  # no resamples, no interval
 
 
+def test_a_run_recorded_before_an_option_existed_shares_the_recipe_of_one_without_it(
+        truth: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, groups = truth
+    old = evaluated("old", fake_predictions(labels, 1.0, 0), labels, groups, seed=0)
+    new, with_vignette = (evaluated(name, fake_predictions(labels, 1.0, seed), labels, groups, seed=seed)
+                          for name, seed in (("new", 1), ("vignette", 2)))
+    new.run.meta["training"]["vignette_augment"] = False  # what the old run did, unrecorded
+    with_vignette.run.meta["training"]["vignette_augment"] = True
+    result = compare_runs([old, new, with_vignette], samples=0, seed=0, min_class_images=30)
+    assert [group["runs"] for group in result["seed_groups"]] == [["old", "new"]]
+
+
 def test_runs_on_different_images_cannot_be_paired(truth: tuple[np.ndarray, np.ndarray]) -> None:
     labels, groups = truth
     probabilities = fake_predictions(labels, 1.0, seed=1)

@@ -88,6 +88,34 @@ def test_isic2019_layout_from_ham_images(ham_dir: Path, isic2019_csv_dir: Path, 
     assert archive.manifest.groupby("group_id")["split"].nunique().max() == 1
 
 
+def test_lesion_framing_end_to_end(shared_data: Path, tmp_path: Path) -> None:
+    """`--resize-mode lesion` on a few real HAM10000 and ISIC Archive images: the archive
+    records the mode, and holds exactly what load_image (predict, serve) makes of each file."""
+    root = tmp_path / "data"
+    ham = pd.read_csv(shared_data / "ham10000" / "HAM10000_metadata.csv")
+    ham_paths = {p.stem: p for p in (shared_data / "ham10000").glob("HAM10000_images_part_*/*.jpg")}
+    isic = pd.read_csv(shared_data / "isic2019" / "ISIC_2019_Training_Input_sources.csv")
+    for label, ham_dx in (("mel", "mel"), ("nv", "nv")):
+        (root / label).mkdir(parents=True)
+        for image_id in ham.loc[ham["dx"] == ham_dx, "image_id"].iloc[:4]:
+            (root / label / f"{image_id}.jpg").symlink_to(ham_paths[image_id])
+        for image in isic.loc[isic["label"] == label.upper(), "image"].iloc[:4]:
+            (root / label / f"{image}.jpg").symlink_to(shared_data / "isic2019" / "ISIC_2019_Training_Input" / f"{image}.jpg")
+
+    out = tmp_path / "archive"
+    result = prepare("--data-dir", root, "--out", out, "--image-size", 48, "--resize-mode", "lesion", "--workers", 1,
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    archive = open_archive(out, verify=True)
+    assert archive.images.shape == (16, 48, 48, 3)
+    recorded = archive.header["preprocess"]
+    assert recorded["resize_mode"] == "lesion" and "resize_lesion" in recorded["steps"]
+    params = PreprocessParams.from_dict(recorded)
+    for row, path in enumerate(archive.manifest["path"]):
+        assert np.array_equal(archive.images[row], load_image(path, params)), path
+    assert "--resize-mode lesion" in (out / "DATASET_CARD.md").read_text()
+
+
 # --------------------------------------------------------------------------- bad files, kill + resume
 
 

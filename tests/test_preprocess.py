@@ -14,6 +14,8 @@ from melanoma.config import Settings
 from melanoma.data.preprocess import (
     PreprocessParams,
     decode_image,
+    find_lesion_box,
+    find_lesion_square,
     find_vignette_box,
     load_image,
     preprocess_array,
@@ -66,7 +68,7 @@ def test_params_refuse_bad_values_and_other_versions() -> None:
 
 # ----------------------------------------------------------------------------- geometry
 @pytest.mark.parametrize("height, width", [(60, 100), (100, 60), (80, 80), (20, 30)])
-@pytest.mark.parametrize("mode", ["crop", "pad", "squash"])
+@pytest.mark.parametrize("mode", ["crop", "pad", "squash", "lesion"])
 def test_resize_to_square_shapes(height: int, width: int, mode: str) -> None:
     square = resize_to_square(lesion_image(height, width), 48, mode)
     assert square.shape == (48, 48, 3) and square.dtype == np.uint8
@@ -84,6 +86,87 @@ def test_crop_keeps_the_centre_and_pad_keeps_everything() -> None:
     squashed = resize_to_square(image, 30, "squash")
     assert (squashed[:, :9, 0] > 200).all() and (squashed[:, -9:, 2] > 200).all()  # every row keeps all three thirds
     assert (np.abs(squashed[:, 12:18].astype(int) - 200) <= 1).all()
+
+
+# ----------------------------------------------------------------------------- lesion
+def skin_with_blob(height: int, width: int, centre: tuple[int, int], radii: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Textured skin with one dark-brown elliptical blob (centre y, x; radii y, x)."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.float32)
+    image[:] = (215, 165, 145)
+    cv2.ellipse(image, (centre[1], centre[0]), (radii[1], radii[0]), 0, 0, 360, (95, 55, 40), -1)
+    image += cv2.GaussianBlur(rng.normal(0, 8, (height, width, 3)).astype(np.float32), (0, 0), 1.5)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_params_record_the_lesion_mode_and_leave_the_others_unchanged() -> None:
+    recorded = PreprocessParams(64, resize_mode="lesion").to_dict()
+    assert recorded["steps"] == ["decode", "crop_vignette", "resize_lesion", "color_constancy"]
+    assert recorded["constants"]["lesion_margin"] == 0.25 and recorded["constants"]["lesion_min_area"] == 0.02
+    assert PreprocessParams.from_dict(recorded).resize_mode == "lesion"
+    assert not any(key.startswith("lesion") for key in PreprocessParams(64).to_dict()["constants"])
+
+
+def test_lesion_square_is_centred_on_an_off_centre_blob_and_holds_it_whole() -> None:
+    image = skin_with_blob(300, 400, centre=(110, 250), radii=(30, 40))
+    y0, y1, x0, x1 = find_lesion_box(image)
+    assert abs(y0 - 80) <= 4 and abs(y1 - 140) <= 4 and abs(x0 - 210) <= 4 and abs(x1 - 290) <= 4
+    y0, y1, x0, x1 = find_lesion_square(image)
+    assert y1 - y0 == x1 - x0 == pytest.approx(80 * 1.5, abs=6)  # the longer side plus 25% per side
+    assert abs((y0 + y1) / 2 - 110) <= 3 and abs((x0 + x1) / 2 - 250) <= 3
+    square = resize_to_square(image, 64, "lesion")
+    dark = square.mean(axis=2) < 120
+    rows, cols = np.nonzero(dark)
+    assert abs(rows.mean() - 31.5) <= 2 and abs(cols.mean() - 31.5) <= 2  # the blob in the middle ...
+    assert not dark[[0, -1]].any() and not dark[:, [0, -1]].any()  # ... whole, with skin around it
+    assert rows.max() - rows.min() == pytest.approx(64 * 60 / 120, abs=4)  # 60 px tall in a 120 px square
+
+
+def test_lesion_square_stays_inside_the_image() -> None:
+    image = skin_with_blob(200, 300, centre=(40, 100), radii=(30, 25))  # near the top
+    y0, y1, x0, x1 = find_lesion_square(image)
+    assert y0 == 0 and y1 - y0 == x1 - x0 == pytest.approx(90, abs=6)  # moved down, still square
+    assert abs((x0 + x1) / 2 - 100) <= 3
+    large = skin_with_blob(100, 300, centre=(50, 150), radii=(35, 60))  # square wider than the image is tall
+    y0, y1, x0, x1 = find_lesion_square(large)
+    assert (y0, y1) == (0, 100) and x1 - x0 == pytest.approx(180, abs=8)
+
+
+@pytest.mark.parametrize("case", ["blank", "noise", "black", "tiny blob", "blob at the edge", "dark half"])
+def test_lesion_mode_falls_back_to_the_whole_image(case: str) -> None:
+    rng = np.random.default_rng(0)
+    image = {
+        "blank": np.full((120, 160, 3), (215, 165, 145), np.uint8),
+        "noise": np.clip(rng.normal(180, 10, (120, 160, 3)), 0, 255).astype(np.uint8),
+        "black": np.zeros((120, 160, 3), np.uint8),
+        "tiny blob": skin_with_blob(120, 160, centre=(60, 80), radii=(4, 4)),
+        "blob at the edge": skin_with_blob(120, 160, centre=(60, 8), radii=(20, 20)),
+        "dark half": np.concatenate([np.full((120, 80, 3), 90, np.uint8), np.full((120, 80, 3), 210, np.uint8)], axis=1),
+    }[case]
+    assert find_lesion_box(image) is None and find_lesion_square(image) is None
+    assert np.array_equal(resize_to_square(image, 48, "lesion"), resize_to_square(image, 48, "squash"))
+
+
+def test_lesion_mode_ignores_a_vignette_and_is_shared_by_every_input() -> None:
+    image = with_vignette(skin_with_blob(240, 240, centre=(100, 140), radii=(22, 22)), radius=125)
+    params = PreprocessParams(64, resize_mode="lesion")
+    from_array = load_image(image, params)
+    assert np.array_equal(from_array, load_image(encode(image), params)) and np.array_equal(from_array, preprocess_array(image, params))
+    # The dark corners are not the lesion: the square holds the blob (about 2/3 of it is skin).
+    dark = from_array.mean(axis=2) < 100
+    assert 0.1 < dark.mean() < 0.4 and not dark[[0, -1]].any()
+
+
+def test_lesion_mode_decodes_finer_where_the_lesion_is_small() -> None:
+    rgb = cv2.resize(skin_with_blob(256, 256, centre=(128, 128), radii=(24, 24)), (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    data = encode(rgb, ".jpg", cv2.IMWRITE_JPEG_QUALITY, 95)
+    params = PreprocessParams(128, resize_mode="lesion", color_constancy=False)
+    assert reduction_factor(read_header(data), params) == 8  # the square is 288 of 1024 px: 36 px at 1/8
+    full = preprocess_array(cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), params)
+    reduced = load_image(data, params)
+    assert np.abs(reduced.astype(int) - full).mean() < 8.0  # the region, found at 1/8 size, moves by a pixel or two
+    sharpness = [cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for image in (full, reduced)]
+    assert sharpness[1] > 0.7 * sharpness[0]  # not an enlargement of a 36-pixel square
 
 
 # ----------------------------------------------------------------------------- colour, hair
@@ -257,4 +340,34 @@ def test_real_ham_image(ham_dir: Path) -> None:
     path = next((ham_dir / "HAM10000_images_part_1").glob("*.jpg"))
     for size in (64, 224):
         image = load_image(path, PreprocessParams(size))
+        assert image.shape == (size, size, 3) and image.dtype == np.uint8 and image.std() > 5
+
+
+# Real images whose darkest region is the lesion (in others it is a shadow, a sticker or the
+# dermatoscope's border, which the lesion mode must ignore).
+REAL_LESIONS = [
+    "ham10000/HAM10000_images_part_1/ISIC_0029002.jpg", "ham10000/HAM10000_images_part_2/ISIC_0030818.jpg",
+    "ham10000/HAM10000_images_part_1/ISIC_0025752.jpg", "ham10000/HAM10000_images_part_2/ISIC_0031276.jpg",
+    "isic2019/ISIC_2019_Training_Input/ISIC_0014945.jpg", "isic2019/ISIC_2019_Training_Input/ISIC_0014919.jpg",
+    "isic2019/ISIC_2019_Training_Input/ISIC_0000206.jpg", "isic2019/ISIC_2019_Training_Input/ISIC_0013702.jpg",
+]
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("relative", REAL_LESIONS, ids=lambda path: Path(path).stem)
+def test_real_lesion_box_covers_the_darkest_region(shared_data: Path, relative: str) -> None:
+    path = shared_data / relative
+    if not path.is_file():
+        path = next(path.parent.glob(f"{path.stem}*.jpg"))  # ISIC 2019's "_downsampled" names
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    y0, y1, x0, x1 = find_lesion_box(rgb)
+    grey = cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0), min(rgb.shape[:2]) / 16)
+    margin = min(rgb.shape[:2]) // 8  # away from the border (vignette, shadows)
+    inner = grey[margin:-margin, margin:-margin]
+    y, x = np.add(np.unravel_index(np.argmin(inner), inner.shape), margin)
+    assert y0 <= y < y1 and x0 <= x < x1
+    area = (y1 - y0) * (x1 - x0) / (rgb.shape[0] * rgb.shape[1])
+    assert 0.02 < area < 0.9
+    for size in (64, 224):
+        image = load_image(path, PreprocessParams(size, resize_mode="lesion"))
         assert image.shape == (size, size, 3) and image.dtype == np.uint8 and image.std() > 5

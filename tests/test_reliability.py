@@ -16,7 +16,8 @@ from melanoma.data.outliers import corrupted, synthetic_images
 from melanoma.data.quality import QualityLimits, quality_warnings
 from melanoma.errors import ModelError
 from melanoma.modeling.calibration import fit_temperature, negative_log_likelihood, temperature_scale
-from melanoma.modeling.ood import OOD_FILE, NeighbourGate
+from melanoma.modeling.ood import NeighbourGate
+from melanoma.modeling.runs import OOD_FILE
 
 LIMITS = QualityLimits(min_side=64, max_aspect_ratio=3.0, min_contrast=4.0, min_sharpness=12.0)
 

@@ -23,7 +23,9 @@ from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.feed import ArchiveFeed, predict_rows
 from melanoma.modeling.models import small_cnn
 from melanoma.modeling.augment import RandomVignette
+from melanoma.config import Settings
 from melanoma.modeling.train import class_weights, train, training_model
+from melanoma.modeling.train_config import TrainConfig
 
 RUN_FILES = {"run.json", "model.keras", "last.keras", "config.json", "split.csv", "history.csv", "versions.json"}
 
@@ -55,12 +57,75 @@ def test_balanced_sampling_and_class_weights_even_out_classes() -> None:
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
     weights = class_weights(labels, 3)
     assert weights[2] == pytest.approx(90 * weights[0]) and np.mean([weights[k] for k in labels]) == pytest.approx(1)
-    from melanoma.modeling.train import balanced_sampling_probabilities
+    from melanoma.modeling.train import sampling_probabilities
 
     feed = ArchiveFeed(np.zeros((1000, 1, 1, 3), np.uint8), labels, np.arange(1000), batch_size=100, shuffle=True,
-                       seed=0, row_probabilities=balanced_sampling_probabilities(labels))
+                       seed=0, row_probabilities=sampling_probabilities("sampling", labels))
     drawn = np.bincount(labels[feed.order], minlength=3) / 1000
     np.testing.assert_allclose(drawn, 1 / 3, atol=0.06)
+    assert sampling_probabilities("weights", labels) is None and sampling_probabilities("none", labels) is None
+
+
+def test_class_source_sampling_evens_out_classes_and_sources_within_each() -> None:
+    from typing import get_args
+
+    from melanoma.config import ClassBalanceChoice
+    from melanoma.modeling.train import sampling_probabilities
+    from melanoma.modeling.train_config import ClassBalance
+
+    assert set(get_args(ClassBalanceChoice)) == set(get_args(ClassBalance))  # the CLI's choices are train's
+
+    # class 0: 600 vienna, 300 rosendahl, 100 isic; class 1: 80 vienna, 20 isic (a missing source); class 2: 5 rosendahl
+    labels = np.array([0] * 1000 + [1] * 100 + [2] * 5)
+    sources = np.array(["vienna"] * 600 + ["rosendahl"] * 300 + ["isic"] * 100 + ["vienna"] * 80 + ["isic"] * 20
+                       + ["rosendahl"] * 5, dtype=object)
+    p = sampling_probabilities("class-source", labels, sources)
+    assert p.shape == (1105,) and (p > 0).all() and p.sum() == pytest.approx(1)
+    by_class = np.bincount(labels, weights=p)
+    np.testing.assert_allclose(by_class, 1 / 3)
+    for label, expected in ((0, {"vienna", "rosendahl", "isic"}), (1, {"vienna", "isic"}), (2, {"rosendahl"})):
+        in_class = labels == label
+        shares = {source: p[in_class & (sources == source)].sum() for source in set(sources[in_class])}
+        assert set(shares) == expected
+        np.testing.assert_allclose(list(shares.values()), 1 / 3 / len(expected))
+    # Within one (class, source) cell every image is equally likely.
+    assert np.ptp(p[:600]) == 0 and p[0] == pytest.approx(1 / 3 / 3 / 600)
+    # Without sources, or with one source, it is class-balanced sampling.
+    np.testing.assert_allclose(sampling_probabilities("class-source", labels, None), sampling_probabilities("sampling", labels))
+    np.testing.assert_allclose(sampling_probabilities("class-source", labels, ["ham10000"] * 1105),
+                               sampling_probabilities("sampling", labels))
+    # Missing values (an empty manifest cell) are one more source, not an error.
+    with_gap = sources.copy()
+    with_gap[:10] = np.nan
+    assert sampling_probabilities("class-source", labels, with_gap).sum() == pytest.approx(1)
+
+
+@pytest.mark.realdata
+def test_training_samples_by_class_and_source(small_ham_archive: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import melanoma.modeling.train as train_module
+
+    probabilities = []
+
+    class SpyFeed(ArchiveFeed):
+        def __init__(self, *args, **kwargs):
+            probabilities.append(kwargs.get("row_probabilities"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "ArchiveFeed", SpyFeed)
+    archive = open_archive(small_ham_archive)
+    config = TrainConfig.from_settings(Settings(), model="cnn", weights="none", epochs=1, batch_size=32,
+                                       learning_rate=1e-3, seed=0, class_balance="class-source", vignette_augment=False)
+    result = train(archive, tmp_path / "run", config, progress=False)
+    assert result.status == "complete"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["training"]["class_balance"] == "class-source"
+    p = probabilities[0]  # the training feed's (the validation feed's is None)
+    train_rows = archive.indices("train")
+    cells = pd.DataFrame({"label": archive.labels[train_rows], "source": archive.manifest["source"].to_numpy()[train_rows], "p": p})
+    assert cells["source"].nunique() > 1  # HAM10000's four sites
+    np.testing.assert_allclose(cells.groupby("label")["p"].sum(), 1 / len(archive.classes))
+    per_source = cells.groupby(["label", "source"])["p"].sum()
+    np.testing.assert_allclose(per_source, per_source.groupby(level="label").transform("mean"))
 
 
 @pytest.mark.realdata
@@ -144,16 +209,17 @@ def test_a_stopped_run_saves_a_checkpoint_and_resume_continues(signal_number: in
     extra = history.tail(1).assign(epoch=meta["epochs_done"])
     pd.concat([history, extra]).to_csv(run / "history.csv", index=False)
     archive = open_archive(small_ham_archive)
-    options = {"model_name": "cnn", "weights": None, "epochs": 3, "batch_size": 64, "learning_rate": 1e-3, "seed": 1, "progress": False}
+    config = TrainConfig.from_settings(Settings(), model="cnn", epochs=3, batch_size=64, seed=1)
+    assert TrainConfig.from_dict(meta["training"]) == config  # what the CLI recorded
     with pytest.raises(ModelError, match="unfinished run"):
-        train(archive, run, **options)
-    resumed = train(archive, run, resume=True, **options)
+        train(archive, run, config, progress=False)
+    resumed = train(archive, run, resume=True, progress=False)
     assert resumed.status == "complete" and resumed.epochs_done == 3
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "complete" and meta["epochs_done"] == 3
     with pytest.raises(ModelError, match="already complete"):
-        train(archive, run, resume=True, **options)
+        train(archive, run, resume=True, progress=False)
 
 
 @pytest.mark.realdata
@@ -241,3 +307,22 @@ def test_vignette_augmentation_blackens_corners_only() -> None:
     assert 8 <= vignetted.sum() <= 24 and np.allclose(corners[~vignetted], 200)  # about half the images
     assert (corners < 5).sum() >= 4  # most circles are smaller than the square: black corners
     assert np.array_equal(keras.ops.convert_to_numpy(layer(bright, training=False)), bright)
+
+
+@pytest.mark.realdata
+def test_resume_warns_about_each_option_it_ignores(cli, trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    result = cli("train", "--resume", "--run-dir", run, "--epochs", "3", "--lr", "0.5", "--no-augment",
+                 "--batch-size", "32", "--model", "cnn")
+    assert result.code == 0, result
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert warnings == [
+        f"Warning: --epochs 3 is ignored: the resumed run keeps its epochs = 1 (from {run / 'run.json'}).",
+        f"Warning: --lr 0.5 is ignored: the resumed run keeps its learning_rate = 0.001 (from {run / 'run.json'}).",
+        f"Warning: --no-augment is ignored: the resumed run keeps its augment = True (from {run / 'run.json'}).",
+    ]  # --batch-size 32 and --model cnn are the run's own: nothing to say
+    resumed = json.loads((run / "run.json").read_text())
+    assert resumed["training"] == meta["training"] and resumed["epochs_done"] == 1 and resumed["status"] == "complete"

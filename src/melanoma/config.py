@@ -32,7 +32,7 @@ SourceChoice = Literal["auto", "isic2019", "ham10000", "isic2020", "folder"]
 Isic2020Target = Literal["target", "diagnosis"]
 DownloadChoice = Literal["isic2019"]
 ModelChoice = Literal["cnn", "mobilenetv3small", "efficientnetb0", "efficientnet-lite0"]
-ClassBalanceChoice = Literal["weights", "sampling", "none"]
+ClassBalanceChoice = Literal["weights", "sampling", "class-source", "none"]
 SplitChoice = Literal["train", "val", "test"]
 SegmentationChoice = Literal["slic", "quickshift"]
 PredictFormat = Literal["table", "csv", "isic", "json"]
@@ -52,9 +52,10 @@ CLASS_NAMES = {
 DEFAULT_OOD_FLAG_FRACTION = 0.05
 ENV_PREFIX = "MELANOMA_"
 # MELANOMA_* variables that are not settings: the --config file, the spec `serve` hands
-# its worker processes, the notebook's inputs and the tests' data folder.
+# its worker processes, the notebook's inputs, the tests' data folder and TensorFlow's logs
+# (melanoma.cli.quiet).
 OTHER_ENV_VARIABLES = ("MELANOMA_CONFIG", "MELANOMA_SERVE_SPEC", "MELANOMA_NOTEBOOK_ARCHIVE", "MELANOMA_NOTEBOOK_RUN",
-                       "MELANOMA_SHARED_DATA")
+                       "MELANOMA_SHARED_DATA", "MELANOMA_TF_LOGS")
 logger = logging.getLogger(__name__)
 
 
@@ -86,7 +87,7 @@ class Settings(BaseSettings):
     crop_vignette: bool = Field(True, description="Crop the dark circular vignette of BCN-style images.")
     color_constancy: bool = Field(True, description="Shades of Gray colour constancy (p=6).")
     hair_removal: bool = Field(False, description="DullRazor-style hair removal (can erase diagnostic dots).")
-    resize_mode: Literal["crop", "pad", "squash"] = "crop"
+    resize_mode: Literal["crop", "pad", "squash", "lesion"] = "crop"
     max_pixels: int = Field(50_000_000, ge=1, le=1_000_000_000, description="Refuse images with more pixels (decompression bombs).")
     min_side: int = Field(8, ge=1, le=4096, description="Refuse images with a smaller side.")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024)

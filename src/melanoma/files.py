@@ -11,8 +11,10 @@ new one, never a part of either.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,14 @@ def check_new_file(path: Path, *, force: bool, what: str = "output file") -> Pat
         raise MelanomaError(f"The folder {folder} cannot be written to (permission denied).",
                             hint="Choose a writable path.")
     return path
+
+
+def utc_now() -> str:
+    """The time now in UTC, to the second, ISO 8601: how every record here is dated."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's content (hex), read in chunks so that memory stays flat."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()

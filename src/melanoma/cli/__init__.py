@@ -15,6 +15,7 @@ import sys
 
 from melanoma.cli import data, inference, serving, training  # noqa: F401  (importing registers the commands)
 from melanoma.cli.base import app, console, out
+from melanoma.cli.quiet import quiet_tensorflow
 from melanoma.errors import MelanomaError
 
 __all__ = ["app", "console", "main", "out"]
@@ -22,9 +23,9 @@ __all__ = ["app", "console", "main", "out"]
 
 def main() -> None:
     """Console-script entry point: user mistakes become one clear message and exit 2."""
-    # TensorFlow's C++ start-up chatter hides the output researchers read (the backend is
-    # chosen by the --backend option, before Keras is imported).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ start-up chatter hides the output researchers read (MELANOMA_TF_LOGS=1
+    # shows it); the backend is chosen by the --backend option, before Keras is imported.
+    quiet_tensorflow(os.environ)
     try:
         app()
     except MelanomaError as exc:

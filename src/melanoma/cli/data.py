@@ -29,8 +29,9 @@ def prepare(
     image_size: Annotated[Optional[int], typer.Option(help="Side of the square images, in pixels.")] = None,
     resize_mode: Annotated[
         Optional[str],
-        typer.Option(help="Framing: crop (centred square), pad (whole image, black borders) or squash (whole image "
-                          "resized to the square)."),
+        typer.Option(help="Framing: crop (centred square), pad (whole image, black borders), squash (whole image "
+                          "resized to the square) or lesion (a square around the largest dark blob plus a margin; "
+                          "the whole image squashed where none is found)."),
     ] = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the train/val/test split.")] = None,

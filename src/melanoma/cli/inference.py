@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -26,7 +27,7 @@ from melanoma.config import (
     PredictFormat,
     SplitChoice,
 )
-from melanoma.errors import MelanomaError
+from melanoma.errors import MelanomaError, ModelError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -179,7 +180,7 @@ def explain_eval(
     superpixels: SuperpixelsOption = None,
 ) -> None:
     """How far explanations can be trusted: deletion/insertion AUC and stability across seeds."""
-    from melanoma.data.archive import open_archive
+    from melanoma.data.archive import HEADER_FILE, open_archive
     from melanoma.modeling.explain import SegmentationParams
     from melanoma.modeling.trust import evaluate_explanations, sample_images, write_trust_report
     from melanoma.modeling.predict import Predictor
@@ -187,9 +188,11 @@ def explain_eval(
     settings = settings_for(ctx, lime_max_samples=samples, seed=seed, explain_eval_images=n,
                             lime_segmentation=segmentation, lime_superpixels=superpixels)
     predictor = Predictor.from_run(run)
-    if archive_dir is None:
-        from_run = Path(predictor.run.meta.get("archive", {}).get("path", ""))
-        archive_dir = from_run if (from_run / "header.json").is_file() else settings.archive_dir
+    if archive_dir is None:  # the run's own archive where it is still there, else the archive_dir setting
+        with contextlib.suppress(ModelError):
+            archive_dir = predictor.run.archive_path
+        if archive_dir is None or not (archive_dir / HEADER_FILE).is_file():
+            archive_dir = settings.archive_dir
     archive = open_archive(archive_dir)
     if archive.images.shape[1] != predictor.image_size:
         raise MelanomaError(f"Archive {archive_dir} holds {archive.images.shape[1]} px images, "

@@ -57,7 +57,7 @@ def train_command(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Starting learning rate (cosine decay).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, batch order and augmentation.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs_dir/<timestamp>-<model>).")] = None,
-    class_balance: Annotated[Optional[ClassBalanceChoice], typer.Option(help="weights (inverse frequency), sampling (balanced batches) or none.")] = None,
+    class_balance: Annotated[Optional[ClassBalanceChoice], typer.Option(help="weights (inverse frequency), sampling (balanced batches), class-source (batches balanced by class, and by source within each class) or none.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
     extra_augment: Annotated[Optional[bool], typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
     vignette_augment: Annotated[Optional[bool], typer.Option("--vignette-augment/--no-vignette-augment", help="Also blacken the corners of half the training images, as many dermatoscopes do.")] = None,
@@ -94,6 +94,7 @@ def train_command(
     )
     from melanoma.modeling.runs import read_run_meta, recorded_archive
     from melanoma.modeling.train import train
+    from melanoma.modeling.train_config import TrainConfig
 
     settings = settings_for(
         ctx, archive_dir=archive, model=model, weights=weights, epochs=epochs, batch_size=batch_size, learning_rate=lr,
@@ -104,7 +105,9 @@ def train_command(
     if resume:
         if run_dir is None:
             raise MelanomaError("--resume needs the --run-dir of the run to continue.", hint="`melanoma runs` lists the runs.")
-        archive_dir = archive or recorded_archive(read_run_meta(run_dir), run_dir)
+        meta = read_run_meta(run_dir)
+        archive_dir = archive or recorded_archive(meta, run_dir)
+        _warn_ignored_on_resume(ctx, meta, run_dir)
     else:
         archive_dir = settings.archive_dir
         run_dir = run_dir or settings.runs_dir / f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}"
@@ -117,12 +120,7 @@ def train_command(
               f"on {archive_dir} ({len(opened.indices('train')):,} training images); run folder {run_dir}")
     with terminate_as_interrupt(), process_run_dir(run_dir, parallel, resume) as own_dir:  # process 0 writes the run folder
         result = train(
-            opened, own_dir, model_name=settings.model, weights=settings.weights, epochs=settings.epochs,
-            batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
-            class_balance=settings.class_balance, augment=settings.augment, extra_augment=settings.extra_augment,
-            vignette_augment=settings.vignette_augment,
-            early_stopping_patience=settings.early_stopping_patience, time_limit_minutes=settings.time_limit_minutes,
-            freeze_epochs=settings.freeze_epochs, tensorboard=settings.tensorboard, resume=resume,
+            opened, own_dir, None if resume else TrainConfig.from_settings(settings), resume=resume,
             weights_dir=settings.weights_dir, settings_dump=settings.model_dump(mode="json"), console=console,
             ood_flag_fraction=settings.ood_flag_fraction,
             parallel=parallel, progress=parallel is None or parallel.is_chief,
@@ -135,6 +133,27 @@ def train_command(
     out.print(f"Done ({result.stopped_by.replace('_', ' ')}): {result.epochs_done} epochs, {best}, "
               f"{result.seconds / 60:.1f} min. Model: {run_dir / 'model.keras'}")
     out.print(f"Next: melanoma evaluate --run {run_dir}", highlight=False)
+
+
+# `train` parameters named otherwise than the training option they set
+TRAIN_PARAMETER_OPTIONS = {"lr": "learning_rate", "time_limit": "time_limit_minutes"}
+
+
+def _warn_ignored_on_resume(ctx: typer.Context, meta: dict[str, Any], run_dir: Path) -> None:
+    """One warning per training option given on the command line that differs from the
+    resumed run's own: the run continues with the options it was started with."""
+    from melanoma.modeling.runs import RUN_FILE, recorded_training
+    from melanoma.modeling.train_config import OPTION_NAMES, ignored_options
+
+    # By name: Typer ships its own copy of click, whose ParameterSource is not click's.
+    params = {TRAIN_PARAMETER_OPTIONS.get(param.name, param.name): param for param in ctx.command.params
+              if getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"}
+    passed = {option: ctx.params[param.name] for option, param in params.items() if option in OPTION_NAMES}
+    for option, given, kept in ignored_options(recorded_training(meta, run_dir), passed):
+        param = params[option]
+        flag = (param.opts[0] if given else param.secondary_opts[0]) if param.secondary_opts else f"{param.opts[0]} {given}"
+        console.print(f"[yellow]Warning:[/] {flag} is ignored: the resumed run keeps its {option} = {kept} "
+                      f"(from {run_dir / RUN_FILE}).", highlight=False)
 
 
 @app.command("evaluate")
@@ -150,12 +169,13 @@ def evaluate_command(
 ) -> None:
     """Evaluate a run: metrics.json, figures, report.md and ISIC-format predictions in the run folder."""
     from melanoma.data.archive import open_archive
-    from melanoma.modeling.evaluate import REPORT_FILE, evaluate_run
-    from melanoma.modeling.runs import read_run, recorded_archive
+    from melanoma.modeling.cards import fmt, fmt_ci
+    from melanoma.modeling.evaluate import evaluate_run
+    from melanoma.modeling.runs import REPORT_FILE, read_run
 
     settings = settings_for(ctx, bootstrap_samples=bootstrap, target_sensitivity=target_sensitivity, calibration=calibration)
     info = read_run(run)
-    opened = open_archive(archive or recorded_archive(info.meta, run))
+    opened = open_archive(archive or info.archive_path)
     with console.status(f"Evaluating {run} on the {split} split ..."):
         metrics = evaluate_run(run, opened, split, target_sensitivity=settings.target_sensitivity,
                                bootstrap_samples=settings.bootstrap_samples, seed=settings.seed, tta=tta,
@@ -165,19 +185,19 @@ def evaluate_command(
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI (lesion bootstrap)", justify="right")
-    table.add_row("balanced multiclass accuracy", _number(metrics["bma"]), _interval(ci.get("bma")))
-    table.add_row("accuracy", _number(metrics["accuracy"]), "")
-    table.add_row("macro ROC AUC", _number(metrics["macro_auc"]), "")
+    table.add_row("balanced multiclass accuracy", fmt(metrics["bma"]), fmt_ci(ci.get("bma")))
+    table.add_row("accuracy", fmt(metrics["accuracy"]), "")
+    table.add_row("macro ROC AUC", fmt(metrics["macro_auc"]), "")
     melanoma = metrics.get("melanoma")
     if melanoma:
-        table.add_row("melanoma ROC AUC", _number(melanoma["auc"]), _interval(ci.get("melanoma_auc")))
+        table.add_row("melanoma ROC AUC", fmt(melanoma["auc"]), fmt_ci(ci.get("melanoma_auc")))
         table.add_row(f"melanoma sensitivity / specificity (threshold {melanoma['threshold']:.3f} from val)",
-                      f"{_number(melanoma['sensitivity'])} / {_number(melanoma['specificity'])}", "")
-        table.add_row(f"specificity at sensitivity {melanoma['target_sensitivity']}", _number(melanoma["specificity_at_target"]), "")
+                      f"{fmt(melanoma['sensitivity'])} / {fmt(melanoma['specificity'])}", "")
+        table.add_row(f"specificity at sensitivity {melanoma['target_sensitivity']}", fmt(melanoma["specificity_at_target"]), "")
     before, temperature = metrics["calibration"]["before"], metrics["temperature"]
     for name, key in (("expected calibration error", "ece"), ("Brier score", "brier"), ("NLL (log loss)", "nll")):
         after = metrics["log_loss" if key == "nll" else key]
-        table.add_row(name + (f" (uncalibrated {_number(before[key])})" if temperature != 1 else ""), _number(after), "")
+        table.add_row(name + (f" (uncalibrated {fmt(before[key])})" if temperature != 1 else ""), fmt(after), "")
     out.print(table)
     out.print(f"Temperature {temperature:.3f} applied." if temperature != 1 else
               "Uncalibrated probabilities (no temperature applied).", highlight=False)
@@ -187,6 +207,8 @@ def evaluate_command(
 
 def _print_subgroups(metrics: dict[str, Any]) -> None:
     """The per-source and melanoma-vs-nevi figures of an evaluation, where it has them."""
+    from melanoma.modeling.cards import fmt, fmt_ci
+
     per_source = metrics.get("per_source")
     if per_source:
         column = per_source["column"]
@@ -195,12 +217,12 @@ def _print_subgroups(metrics: dict[str, Any]) -> None:
             table.add_column(column, justify="left" if column == "source" else "right")
         for name, row in per_source["sources"].items():
             table.add_row(name, str(row["n_images"]), str(row["melanomas"] if row["melanomas"] is not None else "–"),
-                          _number(row["bma"]), _number(row["melanoma_auc"]))
+                          fmt(row["bma"]), fmt(row["melanoma_auc"]))
         out.print(table)
     for name, row in (metrics.get("melanoma_vs_nevi") or {}).items():
         nevi = "histopathology-confirmed nevi" if name == "histopathology" else "all nevi"
-        out.print(f"Melanoma vs {nevi} ({row['melanomas']} vs {row['nevi']}): ROC AUC {_number(row['auc'])} "
-                  f"[{_interval(row['ci'])}]", highlight=False)
+        out.print(f"Melanoma vs {nevi} ({row['melanomas']} vs {row['nevi']}): ROC AUC {fmt(row['auc'])} "
+                  f"[{fmt_ci(row['ci'])}]", highlight=False)
 
 
 @app.command("compare")
@@ -252,7 +274,7 @@ def calibrate_command(
 
     settings = settings_for(ctx, ood_flag_fraction=flag_fraction)
     info = read_run(run)
-    opened = open_archive(archive or Path(info.meta["archive"]["path"]))
+    opened = open_archive(archive or info.archive_path)
     with console.status(f"Fitting the temperature and the out-of-distribution gate of {run} ..."):
         fitted = fit_reliability(run, opened, flag_fraction=settings.ood_flag_fraction)
     calibration, ood = fitted["calibration"], fitted["ood"]
@@ -276,6 +298,7 @@ def runs_command(
 
     Status: complete, interrupted (resume it), running, failed (its process is gone) or unreadable.
     """
+    from melanoma.modeling.cards import fmt as number  # `fmt` is the --format option here
     from melanoma.modeling.runs import run_rows, run_rows_text
 
     settings = settings_for(ctx, runs_dir=runs_dir)
@@ -292,15 +315,8 @@ def runs_command(
         table.add_column(column, justify="left" if column in ("run", "status", "model", "evaluated", "problem") else "right")
     for row in rows:
         table.add_row(row["run"], row["status"], str(row["model"] or "–"), str(row["image_size"] or "–"),
-                      str(row["epochs"] if row["epochs"] is not None else "–"), _number(row["best_val_bma"]),
-                      row["evaluated"] or "–", _number(row["bma"]), _number(row["melanoma_auc"]), _number(row["ece"]),
+                      str(row["epochs"] if row["epochs"] is not None else "–"), number(row["best_val_bma"]),
+                      row["evaluated"] or "–", number(row["bma"]), number(row["melanoma_auc"]), number(row["ece"]),
                       row["problem"] or "")
     out.print(table)
 
-
-def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _interval(interval: list[float] | None) -> str:
-    return "–" if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"

@@ -36,7 +36,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from melanoma.data.preprocess import PreprocessParams, load_image
 from melanoma.data.sources import MANIFEST_COLUMNS, Dataset
 from melanoma.data.splits import SPLITS, grouped_split, split_by_condition
 from melanoma.errors import DataError, ImageError, MelanomaError
-from melanoma.files import fsync_path, write_json, write_text
+from melanoma.files import fsync_path, sha256_file, utc_now, write_json, write_text
 from melanoma.provenance import git_state
 
 FORMAT_VERSION = 1
@@ -184,10 +183,10 @@ def build_archive(
             "skipped": len(skipped),
             "missing": len(dataset.missing),
             "notes": dataset.notes,
-            "sha256": _sha256(partial / IMAGES_FILE),
+            "sha256": sha256_file(partial / IMAGES_FILE),
             "versions": _versions(),
             "git": git_state(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_now(),
             "fingerprint": fingerprint,
         }
         for name in (FINGERPRINT_FILE, PROGRESS_FILE):
@@ -227,7 +226,7 @@ def open_archive(path: Path, *, verify: bool = False) -> Archive:
         problems.append(f"{IMAGES_FILE} is {images.dtype} {images.shape}, the header says uint8 {expected}")
     if len(manifest) != header["n_images"]:
         problems.append(f"{MANIFEST_FILE} has {len(manifest)} rows, the header says {header['n_images']}")
-    if verify and not problems and _sha256(path / IMAGES_FILE) != header["sha256"]:
+    if verify and not problems and sha256_file(path / IMAGES_FILE) != header["sha256"]:
         problems.append(f"the sha256 of {IMAGES_FILE} differs from the one recorded in {HEADER_FILE}")
     if problems:
         raise DataError(f"The archive {path} is inconsistent: {'; '.join(problems)}.",
@@ -530,11 +529,6 @@ def _counts(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
     write_text(path, table.to_csv(index=False))
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _versions() -> dict[str, str]:

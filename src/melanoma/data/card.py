@@ -51,10 +51,14 @@ def preprocessing_text(preprocess: dict[str, Any]) -> str:
     if preprocess.get("crop_vignette"):
         steps.append(f"crop the dark circular vignette of the dermatoscope (grey level <= "
                      f"{constants.get('vignette_dark_level')} is dark)")
-    if preprocess.get("resize_mode") == "pad":
-        steps.append(f"resize keeping the aspect ratio, then pad with black to {size}x{size}")
-    else:
-        steps.append(f"resize keeping the aspect ratio, then centre-crop to {size}x{size}")
+    framing = {
+        "pad": "resize keeping the aspect ratio, then pad with black",
+        "squash": "resize the whole image",
+        "lesion": (f"find the lesion (the most central dark blob below the Otsu threshold of the grey levels), grow "
+                   f"its box by {constants.get('lesion_margin')} of its size per side, make it square and resize that "
+                   f"(the whole image where no lesion is found)"),
+    }.get(preprocess.get("resize_mode"), "resize keeping the aspect ratio, then centre-crop")
+    steps.append(f"{framing} to {size}x{size}")
     steps.append(f"resize interpolation: {constants.get('resize', 'OpenCV')}")
     if preprocess.get("hair_removal"):
         steps.append("DullRazor-style hair removal (black-hat, threshold, inpaint)")
@@ -74,6 +78,7 @@ def prepare_command(header: dict[str, Any], out: Path | str) -> str:
         parts.append(f"--test-fraction {header['test_fraction']}")
     for flag in ("color_constancy", "crop_vignette", "hair_removal"):
         parts.append(f"--{'' if preprocess.get(flag) else 'no-'}{flag.replace('_', '-')}")
+    parts.append(f"--resize-mode {preprocess.get('resize_mode', 'crop')}")
     return " ".join(parts)
 
 

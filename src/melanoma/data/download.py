@@ -10,7 +10,6 @@ URL, size and SHA-256 of every file fetched.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -19,13 +18,13 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from melanoma.errors import MelanomaError
+from melanoma.files import sha256_file, utc_now
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60
@@ -152,7 +151,7 @@ def download_files(
 def _fetch(remote: RemoteFile, url: str, dest: Path, bar: Progress, manual: str) -> DownloadedFile:
     final, part = dest / remote.name, dest / f"{remote.name}.part"
     if final.is_file():
-        size, digest = final.stat().st_size, _sha256_of(final)
+        size, digest = final.stat().st_size, sha256_file(final)
         if problem := _mismatch(remote, size, digest):
             raise MelanomaError(f"{final} is not the expected file: {problem}.", hint="Delete it and re-run to download it again.")
         return DownloadedFile(remote.name, url, size, digest, "already there")
@@ -199,7 +198,7 @@ def _fetch(remote: RemoteFile, url: str, dest: Path, bar: Progress, manual: str)
 
 
 def _finish(remote: RemoteFile, url: str, part: Path, final: Path, size: int, action: str) -> DownloadedFile:
-    digest = _sha256_of(part)
+    digest = sha256_file(part)
     if problem := _mismatch(remote, size, digest):
         part.unlink()  # resuming a corrupt file would fail again: start afresh next time
         raise MelanomaError(f"The download of {url} is corrupt: {problem}; it was deleted.", hint="Re-run to download it again.")
@@ -220,14 +219,6 @@ def _copy(source: BinaryIO, sink: BinaryIO, advance: Callable[[int], object]) ->
     while chunk := source.read(CHUNK_BYTES):
         sink.write(chunk)
         advance(len(chunk))
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _mismatch(remote: RemoteFile, size: int, digest: str) -> str | None:
@@ -273,7 +264,7 @@ def _record(dest: Path, downloaded: list[DownloadedFile]) -> None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):  # absent, or damaged: the files themselves are verified
         record = {}
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = utc_now()
     for item in downloaded:
         record[item.name] = {"url": item.url, "size": item.size, "sha256": item.sha256, "verified": now}
     tmp = path.with_name(path.name + ".tmp")

@@ -17,10 +17,9 @@ from typing import Any
 
 from melanoma.data.card import licence, prepare_command, preprocessing_text
 from melanoma.files import write_text
-from melanoma.modeling.runs import METRICS_FILE, read_run_meta
-
-MODEL_CARD_FILE = "MODEL_CARD.md"
-VERSIONS_FILE = "versions.json"
+from melanoma.modeling.runs import (METRICS_FILE, MODEL_CARD_FILE, VERSIONS_FILE, read_run_meta, recorded_archive,
+                                    recorded_training)
+from melanoma.modeling.train_config import TrainConfig
 
 DISCLAIMER = ("**Research use only.** This model is a research artefact for studying dermoscopic image "
               "classification. It is not a medical device, has not been clinically validated, and must not be "
@@ -44,18 +43,28 @@ KNOWN_FAILURES = [
 ]
 
 
-def train_command(meta: dict[str, Any], archive_path: Path | str) -> str:
-    """The `melanoma train` command that repeats a run (its recorded options)."""
-    training = meta.get("training", {})
+def reproduce_command(meta: dict[str, Any], run_dir: Path, archive_path: Path | str) -> str:
+    """The command that makes the run again: `melanoma ensemble` of its members for an
+    ensemble, else `melanoma train` with its recorded options."""
+    ensemble = meta.get("ensemble")
+    if ensemble:
+        return f"melanoma ensemble --out {run_dir} --runs " + " ".join(member["run"] for member in ensemble["members"])
+    return train_command(recorded_training(meta, run_dir), archive_path)
+
+
+def train_command(config: TrainConfig, archive_path: Path | str) -> str:
+    """The `melanoma train` command that repeats a run: every recorded option is spelled
+    out, so that a later change of a default does not change what it trains."""
+    def switch(name: str, on: bool) -> str:
+        return f"--{name}" if on else f"--no-{name}"
+
     return (
-        f"melanoma train --archive {archive_path} --model {meta.get('model')} --weights {meta.get('weights')} "
-        f"--epochs {training.get('epochs')} --batch-size {training.get('batch_size')} --lr {training.get('learning_rate')} "
-        f"--seed {training.get('seed')} --class-balance {training.get('class_balance')}"
-        f"{'' if training.get('augment', True) else ' --no-augment'}"
-        f"{' --extra-augment' if training.get('extra_augment') else ''}"
-        f"{' --vignette-augment' if training.get('vignette_augment') else ''}"
-        f"{' --time-limit ' + str(training.get('time_limit_minutes')) if training.get('time_limit_minutes') else ''}"
-        f"{' --freeze-epochs ' + str(training.get('freeze_epochs')) if training.get('freeze_epochs') else ''}"
+        f"melanoma train --archive {archive_path} --model {config.model} --weights {config.weights} "
+        f"--epochs {config.epochs} --batch-size {config.batch_size} --lr {config.learning_rate} --seed {config.seed} "
+        f"--class-balance {config.class_balance} {switch('augment', config.augment)} "
+        f"{switch('extra-augment', config.extra_augment)} {switch('vignette-augment', config.vignette_augment)} "
+        f"--freeze-epochs {config.freeze_epochs}"
+        f"{' --time-limit ' + str(config.time_limit_minutes) if config.time_limit_minutes else ''}"
     )
 
 
@@ -99,8 +108,8 @@ def render_model_card(run_dir: Path, archive_header: dict[str, Any]) -> str:
         "`requirements.lock` pins them all):",
         "",
         "```",
-        prepare_command(archive_header, meta["archive"]["path"]),
-        train_command(meta, meta["archive"]["path"]),
+        prepare_command(archive_header, recorded_archive(meta, run_dir)),
+        reproduce_command(meta, run_dir, recorded_archive(meta, run_dir)),
         f"melanoma evaluate --run {run_dir}" + (f" --split {metrics['split']}" if metrics else "")
         + (" --tta" if metrics and metrics.get("tta") else ""),
         "```",

@@ -36,7 +36,8 @@ from melanoma.modeling.metrics import (
     percentile_interval,
 )
 from melanoma.files import write_json
-from melanoma.modeling.runs import RunInfo, read_run
+from melanoma.modeling.runs import RunInfo, predictions_file, read_run
+from melanoma.modeling.train_config import ADDED_LATER
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -69,14 +70,11 @@ def load_evaluated(run_dir: Path, split: str = "test", archive_dir: Path | None 
     from melanoma.data.archive import open_archive
 
     run = read_run(run_dir)
-    path = run.path / f"predictions_{split}.csv"
+    path = run.path / predictions_file(split)
     if not path.is_file():
         raise ModelError(f"{run.path} has no {path.name}: it has not been evaluated on the {split} split.",
                          hint=f"Run `melanoma evaluate --run {run.path} --split {split}` first.")
-    archive_path = archive_dir or Path((run.meta.get("archive") or {}).get("path", ""))
-    if not str(archive_path):
-        raise ModelError(f"{run.path / 'run.json'} names no archive.", hint="Pass --archive.")
-    archive = open_archive(archive_path)
+    archive = open_archive(archive_dir or run.archive_path)
     table = _read_predictions(path, run.classes)
     manifest = archive.manifest.assign(label_index=archive.labels).set_index("image_id")
     unknown = table.index.difference(manifest.index)
@@ -212,7 +210,9 @@ def recipe(run: EvaluatedRun) -> str | None:
     training = meta.get("training")
     if not isinstance(training, dict) or "seed" not in training:
         return None
-    return json.dumps({"training": {k: v for k, v in training.items() if k != "seed"},
+    # Runs recorded before an option existed did without it: the same recipe as saying so.
+    options = {**ADDED_LATER, **training}
+    return json.dumps({"training": {k: v for k, v in options.items() if k != "seed"},
                        "archive": (meta.get("archive") or {}).get("sha256"), "image_size": meta.get("image_size"),
                        "preprocess": meta.get("preprocess"), "classes": meta.get("classes"), "tta": run.tta},
                       sort_keys=True, default=str)

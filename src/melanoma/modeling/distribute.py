@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from melanoma.errors import MelanomaError, ModelError
+from melanoma.modeling.runs import LAST_FILE, RUN_FILE
 
 BACKENDS = ("tensorflow", "jax")
 DATA_PARALLEL = "data-parallel"
@@ -266,7 +267,7 @@ def process_run_dir(run_dir: Path, parallel: Parallel | None, resume: bool) -> I
     scratch = Path(tempfile.mkdtemp(prefix=f"melanoma-process{parallel.process_index}-"))
     try:
         if resume:
-            for name in ("run.json", "last.keras"):
+            for name in (RUN_FILE, LAST_FILE):
                 if (Path(run_dir) / name).is_file():
                     shutil.copy2(Path(run_dir) / name, scratch / name)
         yield scratch

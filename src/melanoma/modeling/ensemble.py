@@ -17,13 +17,11 @@ Keras layers that loads anywhere without custom code.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +29,8 @@ import numpy as np
 
 from melanoma.errors import ModelError
 from melanoma.modeling.predict import load_keras_model
-from melanoma.files import write_json
-from melanoma.modeling.runs import MODEL_FILE, RUN_FILE, RunInfo, read_run
+from melanoma.files import sha256_file, utc_now, write_json
+from melanoma.modeling.runs import COMPLETE, MODEL_FILE, RUN_FILE, SPLIT_FILE, RunInfo, read_run
 
 if TYPE_CHECKING:
     import keras
@@ -146,8 +144,6 @@ def make_ensemble(run_dirs: list[Path], out_dir: Path) -> RunInfo:
     """Make the run folder ``out_dir`` (new, or an empty folder) of the ensemble of
     ``run_dirs``; written in a scratch folder beside it and renamed into place, so that a
     failure leaves nothing behind."""
-    from melanoma.modeling.train import COMPLETE, SPLIT_FILE
-
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ModelError(f"{out_dir} exists and is not an empty folder.", hint="Choose a new --out.")
@@ -165,12 +161,12 @@ def make_ensemble(run_dirs: list[Path], out_dir: Path) -> RunInfo:
     meta = {
         "run_id": out_dir.name, "model": ENSEMBLE_MODEL, "classes": first.classes, "image_size": first.image_size,
         "preprocess": first.meta["preprocess"], "archive": first.meta.get("archive"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": COMPLETE,
+        "created": utc_now(), "status": COMPLETE,
         "ensemble": {"combine": COMBINE, "members": [
             {"name": f"{MEMBER_PREFIX}{index}", "run": str(run.path.resolve()), "run_id": run.run_id,
-             "model": run.meta.get("model"), "weights": run.meta.get("weights"),
-             "seed": (run.meta.get("training") or {}).get("seed"), "temperature": temperature,
-             "model_sha256": _sha256(run.model_path)}
+             "model": run.model, "weights": run.meta.get("weights"),
+             "seed": run.training.seed if run.training else None, "temperature": temperature,
+             "model_sha256": sha256_file(run.model_path)}
             for index, (run, temperature) in enumerate(zip(runs, temperatures))
         ]},
     }
@@ -189,8 +185,3 @@ def make_ensemble(run_dirs: list[Path], out_dir: Path) -> RunInfo:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return read_run(out_dir)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -23,7 +23,6 @@ and NLL before and after, with a reliability diagram of each.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +30,9 @@ import numpy as np
 import pandas as pd
 from melanoma.config import NEVUS_LABELS
 from melanoma.errors import ModelError
-from melanoma.files import write_json, write_text
+from melanoma.files import utc_now, write_json, write_text
 from melanoma.modeling.calibration import temperature_scale
-from melanoma.modeling.cards import fmt, fmt_ci, train_command, write_model_card
+from melanoma.modeling.cards import fmt, fmt_ci, reproduce_command, write_model_card
 from melanoma.modeling.feed import check_archive, predict_rows
 from melanoma.modeling.isic import submission_table, truth_table
 from melanoma.modeling.metrics import (
@@ -52,13 +51,12 @@ from melanoma.modeling.metrics import (
     percentile_interval,
     reliability_bins,
 )
-from melanoma.modeling.runs import METRICS_FILE, read_run
+from melanoma.modeling.runs import (FIGURES_DIR, METRICS_FILE, REPORT_FILE, RunInfo, ground_truth_file, predictions_file,
+                                    read_run)
 
 if TYPE_CHECKING:
     from melanoma.data.archive import Archive
 
-REPORT_FILE = "report.md"
-FIGURES_DIR = "figures"
 # The manifest column naming each image's source: `source` (one per data set or clinic),
 # else HAM10000's `dataset` site.
 SOURCE_COLUMNS = ("source", "dataset")
@@ -179,7 +177,7 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     mel_index = melanoma_index(classes)
 
     metrics: dict[str, Any] = {"split": split, "n_images": int(len(rows)), "run_id": run.run_id,
-                               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+                               "evaluated": utc_now(), "seed": seed,
                                "tta": tta, "temperature": temperature}
     metrics.update(classification_metrics(labels, probabilities, classes))
     metrics["calibration"] = {"temperature": temperature, "fitted_temperature": run.temperature,
@@ -212,13 +210,13 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
             figures / f"reliability_{split}_uncalibrated.png", title="uncalibrated")
     metrics["figures"] = {name: str(path.relative_to(run_dir)) for name, path in metrics["figures"].items()}
     predictions = submission_table(archive.manifest["image_id"].to_numpy()[rows].tolist(), probabilities, classes)
-    metrics["predictions"] = f"predictions_{split}.csv"
-    metrics["ground_truth"] = f"ground_truth_{split}.csv"
+    metrics["predictions"] = predictions_file(split)
+    metrics["ground_truth"] = ground_truth_file(split)
     _write_csv(predictions, run_dir / metrics["predictions"])
     _write_csv(truth_table(predictions["image"].tolist(), labels, classes), run_dir / metrics["ground_truth"])
     metrics = _json_safe(metrics)
     write_json(run_dir / METRICS_FILE, metrics)
-    write_text(run_dir / REPORT_FILE, render_report(run.meta, metrics, archive, run_dir))
+    write_text(run_dir / REPORT_FILE, render_report(run, metrics, archive))
     write_model_card(run_dir, archive.header)
     return metrics
 
@@ -230,15 +228,16 @@ def _operating_point(metrics: dict[str, Any]) -> tuple[float, float] | None:
     return 1 - melanoma["specificity"], melanoma["sensitivity"]
 
 
-def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archive, run_dir: Path) -> str:
+def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> str:
     """The evaluation as Markdown: summary, melanoma operating point, per-class table,
     confusion matrix, figures, and the commands that reproduce it."""
+    run_dir = run.path
     ci = metrics.get("ci", {})
     split = metrics["split"]
     lines = [
-        f"# Evaluation of run `{meta.get('run_id')}` on the {split} split",
+        f"# Evaluation of run `{run.run_id}` on the {split} split",
         "",
-        f"{_model_summary(meta)}. Archive `{archive.path}` "
+        f"{_model_summary(run)}. Archive `{archive.path}` "
         f"(sha256 {str(archive.header.get('sha256'))[:12]}…, split seed {archive.header.get('seed')}"
         f"{', test where ' + str(archive.header.get('test_where')) if archive.header.get('test_where') else ''}): "
         f"{metrics['n_images']} images in the {split} split"
@@ -313,9 +312,7 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
         "## Reproduce",
         "",
         "```",
-        f"melanoma ensemble --out {run_dir} --runs " + " ".join(m["run"] for m in meta["ensemble"]["members"])
-        if "ensemble" in meta else
-        train_command(meta, archive.path),
+        reproduce_command(run.meta, run_dir, archive.path),
         f"melanoma evaluate --run {run_dir} --split {split} --archive {archive.path}",
         "```",
         "",
@@ -326,16 +323,16 @@ def render_report(meta: dict[str, Any], metrics: dict[str, Any], archive: Archiv
     return "\n".join(lines)
 
 
-def _model_summary(meta: dict[str, Any]) -> str:
+def _model_summary(run: RunInfo) -> str:
     """The evaluated model in a phrase: what it is, its size and how it was trained or built."""
-    if "ensemble" in meta:
-        members = meta["ensemble"]["members"]
-        return (f"Ensemble of {len(members)} runs ({meta['ensemble']['combine']}): "
+    ensemble = run.meta.get("ensemble")
+    if ensemble:
+        members = ensemble["members"]
+        return (f"Ensemble of {len(members)} runs ({ensemble['combine']}): "
                 + ", ".join(f"`{m['run_id']}` ({m['model']}, seed {m['seed']}, temperature {m['temperature']:g})"
-                            for m in members) + f"; {meta.get('image_size')} px")
-    best = meta.get("best") or {}
-    return (f"Model `{meta.get('model')}` (weights: {meta.get('weights')}), {meta.get('image_size')} px, "
-            f"{meta.get('epochs_done')} epoch(s) (best: epoch {best.get('epoch')}, val BMA {fmt(best.get('val_bma'))})")
+                            for m in members) + f"; {run.image_size} px")
+    return (f"Model `{run.model}` (weights: {run.meta.get('weights')}), {run.image_size} px, "
+            f"{run.meta.get('epochs_done')} epoch(s) (best: epoch {run.best.get('epoch')}, val BMA {fmt(run.best.get('val_bma'))})")
 
 
 def _json_safe(value: Any) -> Any:

@@ -22,8 +22,8 @@ import numpy as np
 from melanoma.data.card import preprocessing_text
 from melanoma.errors import MelanomaError, ModelError
 from melanoma.files import commit
-from melanoma.modeling.predict import ONNX_FILE, load_keras_model, with_features
-from melanoma.modeling.runs import RunInfo, read_run
+from melanoma.modeling.predict import load_keras_model, with_features
+from melanoma.modeling.runs import ONNX_FILE, RunInfo, read_run
 from melanoma.provenance import git_state
 
 EXPORT_FORMATS = ("onnx",)

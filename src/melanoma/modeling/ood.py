@@ -27,8 +27,8 @@ import numpy as np
 
 from melanoma.errors import ModelError
 from melanoma.files import commit
+from melanoma.modeling.runs import OOD_FILE
 
-OOD_FILE = "ood.npz"
 METHOD = "knn-cosine"
 NEIGHBOUR = 10  # the k of the k-th nearest neighbour
 # Query images scored at once: bounds the (images x training images) similarity matrix.

@@ -29,10 +29,9 @@ from melanoma.data.quality import QualityLimits, QualityWarning, quality_warning
 from melanoma.errors import ImageError, MelanomaError, ModelError
 from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.ood import NeighbourGate
-from melanoma.modeling.runs import RunInfo, read_run
+from melanoma.modeling.runs import ONNX_FILE, RunInfo, read_run
 
 ENGINES = ("keras", "onnx")
-ONNX_FILE = "model.onnx"
 # Largest batch sent to the model at once: bounds memory, and is large enough that the
 # per-call overhead is negligible.
 _CHUNK = 128
@@ -145,7 +144,7 @@ class Predictor:
             params = dataclasses.replace(params, image_size=run.image_size)
         if max_pixels is not None:
             params = dataclasses.replace(params, max_pixels=max_pixels)
-        gate_meta = run.meta.get("ood") if ood else None
+        gate_meta = run.ood if ood else None
         temperature = run.temperature if calibration else 1.0
         model = None
         if engine == "keras":

@@ -19,7 +19,6 @@ headless backbone and the full ImageNet classifier), listed with their sha256 in
 from __future__ import annotations
 
 import collections
-import hashlib
 import importlib.resources
 import importlib.util
 import json
@@ -28,13 +27,13 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from melanoma.errors import ModelError
+from melanoma.files import sha256_file, utc_now
 
 if TYPE_CHECKING:
     import keras
@@ -285,14 +284,6 @@ def _manifest_file(weights_dir: Path, variant: str) -> Path:
     return Path(weights_dir) / f"{variant}-imagenet.json"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_lite_weights(variant: str, weights_dir: Path) -> dict[str, Any] | None:
     """The cache manifest if both converted files are present and intact, else None."""
     manifest_path = _manifest_file(weights_dir, variant)
@@ -300,7 +291,7 @@ def cached_lite_weights(variant: str, weights_dir: Path) -> dict[str, Any] | Non
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
         intact = manifest["format"] == CACHE_FORMAT and all(
-            sha256_of(Path(weights_dir) / name) == digest for name, digest in files.items()
+            sha256_file(Path(weights_dir) / name) == digest for name, digest in files.items()
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -310,7 +301,7 @@ def cached_lite_weights(variant: str, weights_dir: Path) -> dict[str, Any] | Non
 def _save_weights_atomically(model: keras.Model, path: Path) -> str:
     tmp = path.with_name(f"{path.name.removesuffix('.weights.h5')}.{os.getpid()}.partial.weights.h5")
     model.save_weights(tmp)
-    digest = sha256_of(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
 
@@ -322,7 +313,7 @@ def convert_lite_weights(variant: str, checkpoint: Path, weights_dir: Path) -> d
     from melanoma.modeling.efficientnet_lite import FEATURES_LAYER, efficientnet_lite
 
     weights_dir = Path(weights_dir)
-    source_sha256 = sha256_of(checkpoint)
+    source_sha256 = sha256_file(checkpoint)
     # Torch-hub style names end in the first hex digits of the file's sha256.
     named = re.search(r"-([0-9a-f]{8,64})\.pth$", Path(checkpoint).name)
     if named and not source_sha256.startswith(named.group(1)):
@@ -346,7 +337,7 @@ def convert_lite_weights(variant: str, checkpoint: Path, weights_dir: Path) -> d
         "parameters": int(full.count_params()),
         "input": "0..255 RGB float, normalised inside the model as (x - 127) / 128",
         "keras": keras.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "files": files,
     }
     manifest_path = _manifest_file(weights_dir, variant)

@@ -10,7 +10,6 @@ holds the gate's statistics.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +20,10 @@ from melanoma.errors import ModelError
 from melanoma.modeling.calibration import fit_temperature, negative_log_likelihood, temperature_scale
 from melanoma.modeling.feed import check_archive
 from melanoma.modeling.metrics import expected_calibration_error
-from melanoma.modeling.ood import METHOD, OOD_FILE, NeighbourGate
+from melanoma.modeling.ood import METHOD, NeighbourGate
 from melanoma.modeling.predict import HEAD_LAYER, Predictor
-from melanoma.files import write_json
-from melanoma.modeling.runs import RUN_FILE, read_run_meta
+from melanoma.files import utc_now, write_json
+from melanoma.modeling.runs import OOD_FILE, RUN_FILE, read_run_meta
 
 if TYPE_CHECKING:
     from melanoma.data.archive import Archive
@@ -58,7 +57,7 @@ def fit_reliability(run_dir: Path, archive: Archive, *, flag_fraction: float) ->
     val_probabilities, val_features = archive_outputs(predictor, archive, val_rows)
     temperature = fit_temperature(val_labels, val_probabilities)
     calibrated = temperature_scale(val_probabilities, temperature)
-    fitted = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    fitted = utc_now()
     calibration = {
         "method": "temperature", "temperature": temperature, "fitted_on": "val", "n_images": int(len(val_rows)),
         "val_nll_before": negative_log_likelihood(val_labels, val_probabilities),

@@ -1,4 +1,9 @@
-"""Run directories: what `train` leaves behind and everything downstream reads."""
+"""Run directories: what `train` leaves behind and everything downstream reads.
+
+This module owns the run folder's contract (docs/architecture.md, "Run directories"): the
+name of every file in it, the values of a run's status, and :class:`RunInfo`, the typed
+view of a finished run that the other modules read instead of ``run.json``'s keys.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,44 @@ from typing import Any
 
 from melanoma.data.preprocess import PreprocessParams
 from melanoma.errors import ModelError
+from melanoma.modeling.train_config import TrainConfig
 
-RUN_FILE = "run.json"
-MODEL_FILE = "model.keras"
-LAST_FILE = "last.keras"
-METRICS_FILE = "metrics.json"
+# The files of a run folder
+RUN_FILE = "run.json"  # the run's record (train, then calibrate and ensemble, update it)
+MODEL_FILE = "model.keras"  # the best model by validation balanced accuracy
+LAST_FILE = "last.keras"  # the last epoch's checkpoint, with the optimizer (--resume)
+CONFIG_FILE = "config.json"  # the full effective settings
+SPLIT_FILE = "split.csv"
+HISTORY_FILE = "history.csv"
+VERSIONS_FILE = "versions.json"
+TENSORBOARD_DIR = "tensorboard"
+OOD_FILE = "ood.npz"  # the out-of-distribution gate's reference features
+METRICS_FILE = "metrics.json"  # written by evaluate
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+ONNX_FILE = "model.onnx"  # written by export
+
+# What run.json says of the run (run_status adds FAILED; run_rows adds UNREADABLE)
+RUNNING, INTERRUPTED, COMPLETE = "running", "interrupted", "complete"
+
+
+def predictions_file(split: str) -> str:
+    """The evaluated split's predictions, in the ISIC submission format."""
+    return f"predictions_{split}.csv"
+
+
+def ground_truth_file(split: str) -> str:
+    """The evaluated split's labels, in the ISIC 2019 ground-truth format."""
+    return f"ground_truth_{split}.csv"
 
 
 @dataclass(frozen=True)
 class RunInfo:
+    """A finished run (one with a model), as :func:`read_run` reads it."""
+
     path: Path
-    meta: dict[str, Any]
+    meta: dict[str, Any]  # run.json as written; prefer the typed attributes below
     classes: list[str]
     image_size: int
     preprocess: PreprocessParams
@@ -38,9 +70,43 @@ class RunInfo:
         return str(self.meta.get("status", "unknown"))
 
     @property
+    def model(self) -> str:
+        """The architecture's name (``"ensemble"`` for an ensemble)."""
+        return str(self.meta.get("model", "unknown"))
+
+    @property
+    def archive_path(self) -> Path:
+        """The archive the run was trained on (:func:`recorded_archive`)."""
+        return recorded_archive(self.meta, self.path)
+
+    @property
+    def archive_sha256(self) -> str | None:
+        return (self.meta.get("archive") or {}).get("sha256")
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """``{"epoch", "val_bma", "val_mel_auc"}`` of the saved model; empty for an ensemble."""
+        return self.meta.get("best") or {}
+
+    @property
+    def training(self) -> TrainConfig | None:
+        """The options the run was trained with; None for an ensemble (its members have them)."""
+        return recorded_training(self.meta, self.path) if "training" in self.meta else None
+
+    @property
     def temperature(self) -> float:
         """The temperature fitted on validation (``melanoma calibrate``); 1 where there is none."""
         return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """How the temperature was fitted (run.json "calibration"), where it was."""
+        return self.meta.get("calibration")
+
+    @property
+    def ood(self) -> dict[str, Any] | None:
+        """The out-of-distribution gate's parameters (run.json "ood"), where it was fitted."""
+        return self.meta.get("ood")
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
@@ -70,6 +136,14 @@ def recorded_archive(meta: dict[str, Any], run_dir: Path) -> Path:
                          hint="Name the archive with --archive.") from None
 
 
+def recorded_training(meta: dict[str, Any], run_dir: Path) -> TrainConfig:
+    """The options a run was trained with, as its ``run.json`` records them."""
+    try:
+        return TrainConfig.from_dict(meta["training"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{Path(run_dir) / RUN_FILE} lacks {exc} (damaged, or written by another version).") from None
+
+
 def read_run(run_dir: Path) -> RunInfo:
     """Read a run folder, with a clear error if it is not a (finished) run."""
     run_dir = Path(run_dir)
@@ -87,14 +161,18 @@ def read_run(run_dir: Path) -> RunInfo:
             f"{run_dir} has no {MODEL_FILE} (status: {meta.get('status', 'unknown')}).",
             hint="Train it to the end, or resume it with `melanoma train --resume --run-dir ...`.",
         )
-    metrics = None
-    metrics_path = run_dir / METRICS_FILE
-    if metrics_path.is_file():
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except ValueError as exc:
-            raise ModelError(f"{metrics_path} is corrupt: {exc}") from None
-    return RunInfo(run_dir, meta, classes, image_size, params, model_path, metrics)
+    return RunInfo(run_dir, meta, classes, image_size, params, model_path, read_metrics(run_dir))
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``metrics.json`` (None before ``evaluate``), with a clear error if corrupt."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{path} is corrupt: {exc}") from None
 
 
 def list_runs(runs_dir: Path) -> list[RunInfo]:
@@ -127,7 +205,7 @@ def run_status(meta: dict[str, Any]) -> str:
     when that process is gone on this host (a crash, a kill, a reboot)."""
     status = str(meta.get("status", "unknown"))
     process = meta.get("process") or {}
-    if status != "running" or process.get("host") != socket.gethostname() or "pid" not in process:
+    if status != RUNNING or process.get("host") != socket.gethostname() or "pid" not in process:
         return status
     try:
         os.kill(int(process["pid"]), 0)
@@ -152,12 +230,10 @@ def run_rows(runs_dir: Path) -> list[dict[str, Any]]:
         except ModelError as exc:
             rows.append({**row, "status": UNREADABLE, "problem": str(exc)})
             continue
-        metrics = None
-        if (child / METRICS_FILE).is_file():
-            try:
-                metrics = json.loads((child / METRICS_FILE).read_text())
-            except ValueError as exc:
-                row["problem"] = f"{child / METRICS_FILE} is corrupt: {exc}"
+        try:
+            metrics = read_metrics(child)
+        except ModelError as exc:
+            metrics, row["problem"] = None, str(exc)
         best = meta.get("best") or {}
         metrics = metrics or {}
         row.update(run=str(meta.get("run_id", child.name)), status=run_status(meta), model=meta.get("model"),

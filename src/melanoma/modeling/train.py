@@ -43,11 +43,10 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import keras
 import numpy as np
@@ -57,27 +56,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from melanoma.config import DEFAULT_OOD_FLAG_FRACTION
 from melanoma.data.archive import Archive
 from melanoma.errors import ModelError
-from melanoma.files import commit, write_json, write_text
+from melanoma.files import commit, utc_now, write_json, write_text
 from melanoma.modeling.augment import augmentation
 from melanoma.modeling.cards import write_model_card
 from melanoma.modeling.distribute import Parallel, ReplicatedPredict, engine_info, use_xla
 from melanoma.modeling.feed import ArchiveFeed
 from melanoma.modeling.metrics import melanoma_index, normalised, validation_scores
-from melanoma.modeling.models import BACKBONE_LAYER, build_model, default_weights, freeze_batchnorm, is_pretrainable
-from melanoma.modeling.runs import LAST_FILE, MODEL_FILE, RUN_FILE, read_run_meta, training_process
+from melanoma.modeling.models import BACKBONE_LAYER, build_model, freeze_batchnorm
+from melanoma.modeling.runs import (COMPLETE, CONFIG_FILE, HISTORY_FILE, INTERRUPTED, LAST_FILE, MODEL_FILE, RUN_FILE,
+                                    RUNNING, SPLIT_FILE, TENSORBOARD_DIR, VERSIONS_FILE, read_run_meta,
+                                    recorded_training, training_process)
+from melanoma.modeling.train_config import TrainConfig
 from melanoma.provenance import git_state
 
-CONFIG_FILE = "config.json"
-SPLIT_FILE = "split.csv"
-HISTORY_FILE = "history.csv"
-VERSIONS_FILE = "versions.json"
-TENSORBOARD_DIR = "tensorboard"
-RUNNING, INTERRUPTED, COMPLETE = "running", "interrupted", "complete"
 FINE_TUNE_LR_FACTOR = 0.1
 MIN_LR_FRACTION = 0.02  # the cosine schedule ends at 2% of the starting rate, not zero
 VERSIONED_PACKAGES = ("numpy", "keras", "tensorflow-cpu", "tensorflow", "scikit-learn", "pandas", "opencv-python-headless")
-
-ClassBalance = Literal["weights", "sampling", "none"]
 
 
 @dataclass(frozen=True)
@@ -261,21 +255,8 @@ def save_model(model: keras.Model, path: Path) -> None:
 def train(
     archive: Archive,
     run_dir: Path,
+    config: TrainConfig | None = None,
     *,
-    model_name: str,
-    weights: str | Path | None,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    class_balance: ClassBalance = "weights",
-    augment: bool = True,
-    extra_augment: bool = False,
-    vignette_augment: bool = False,
-    early_stopping_patience: int = 8,
-    time_limit_minutes: float | None = None,
-    freeze_epochs: int = 0,
-    tensorboard: bool = False,
     resume: bool = False,
     weights_dir: Path | None = None,
     settings_dump: dict[str, Any] | None = None,
@@ -284,125 +265,166 @@ def train(
     ood_flag_fraction: float = DEFAULT_OOD_FLAG_FRACTION,
     parallel: Parallel | None = None,
 ) -> TrainResult:
-    """Train ``model_name`` on ``archive``'s train split, validating on its val split.
+    """Train a new run with ``config`` on ``archive``'s train split, validating on its val
+    split; or, with ``resume`` (and no ``config``), continue the unfinished run in ``run_dir``
+    from its last checkpoint with the options it recorded.
 
     ``run_dir`` must be new (or empty), unless ``resume``: then it must hold an unfinished
-    run of the same archive, which continues from its last checkpoint with the options it
-    was started with (the arguments given here for those options are ignored).
-    ``weights`` None means :func:`~melanoma.modeling.models.default_weights` of the model.
-    ``freeze_epochs`` applies to pretrained backbones only (``weights`` not "none"): their
-    head trains alone for that many epochs at ``learning_rate``, then the whole network at a
-    tenth of it (also from the start when ``freeze_epochs`` is 0). Ctrl-C (KeyboardInterrupt)
-    saves ``last.keras``, marks the run "interrupted" and returns (status "interrupted"). A
-    completed run then gets its temperature and out-of-distribution gate
-    (``ood_flag_fraction`` of the validation images flagged).
+    run of the same archive. Pretrained backbones train in phases (:func:`_phases`). Ctrl-C
+    (KeyboardInterrupt) saves ``last.keras``, marks the run "interrupted" and returns
+    (status "interrupted"). A completed run then gets its temperature and
+    out-of-distribution gate (``ood_flag_fraction`` of the validation images flagged).
     ``parallel`` (from :func:`~melanoma.modeling.distribute.start_data_parallel`) trains
-    data-parallel: ``batch_size`` is then the global batch, and this process feeds its shard.
+    data-parallel: the batch size is then the global batch, and this process feeds its shard.
     """
+    if resume == (config is not None):
+        raise ValueError("train() takes the config of a new run, or resume=True (the run's recorded config)")
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     train_rows, val_rows = archive.indices("train"), archive.indices("val")
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ModelError(f"The archive {archive.path} needs images in both its train and val splits "
                          f"(it has {len(train_rows)} and {len(val_rows)}).")
-    if parallel is not None:
-        parallel.check_batch(read_run_meta(run_dir)["training"]["batch_size"] if resume else batch_size)
-    engine = engine_info(parallel)
     _deterministic_ops()
-    if resume:
-        meta = _meta_to_resume(run_dir, archive)
-        options = meta["training"]
-        keras.utils.set_random_seed(options["seed"])
-        trainer = _load_trainer(run_dir / LAST_FILE)
-        trim_history(run_dir / HISTORY_FILE, int(meta["epochs_done"]))
-        meta.update(status=RUNNING, process=training_process(), engine=engine)
-        write_json(run_dir / RUN_FILE, meta)
-    else:
-        weights = default_weights(model_name) if weights is None else weights
-        options = {
-            "model": model_name, "weights": str(weights), "epochs": epochs, "batch_size": batch_size,
-            "learning_rate": learning_rate, "seed": seed, "class_balance": class_balance, "augment": augment,
-            "extra_augment": extra_augment and augment, "vignette_augment": vignette_augment and augment,
-            "early_stopping_patience": early_stopping_patience, "time_limit_minutes": time_limit_minutes,
-            "freeze_epochs": freeze_epochs if is_pretrainable(model_name) and str(weights) != "none" else 0,
-            "tensorboard": tensorboard,
-        }
-        _check_new_run_dir(run_dir)
-        keras.utils.set_random_seed(seed)  # before building: the initial weights depend on it
-        # Built before the run folder exists, so that a bad model name or weights file leaves nothing behind.
-        classifier = build_model(model_name, num_classes=len(archive.classes), image_size=archive.images.shape[1],
-                                 weights=weights, weights_dir=weights_dir)
-        trainer = training_model(classifier, augment, seed, extra=options["extra_augment"],
-                                 vignette=options["vignette_augment"])
-        meta = _start_run(run_dir, archive, options, settings_dump or {}, engine)
-    first_epoch = int(meta["epochs_done"])
-    num_classes = len(archive.classes)
-    classifier = trainer.layers[-1]
-
-    train_labels = archive.labels[train_rows]
-    shard = parallel.shard if parallel is not None else None
-    feed = ArchiveFeed(archive.images, archive.labels, train_rows, batch_size=options["batch_size"], shuffle=True,
-                       seed=options["seed"], first_epoch=first_epoch, shard=shard,
-                       row_probabilities=balanced_sampling_probabilities(train_labels) if options["class_balance"] == "sampling" else None)
-    val_batch = max(64, options["batch_size"])
-    val_feed = ArchiveFeed(archive.images, archive.labels, val_rows, shard=shard,
-                           batch_size=val_batch if parallel is None else parallel.round_up(val_batch))
-    predict_val = (partial(classifier.predict, val_feed, verbose=0) if parallel is None
-                   else partial(ReplicatedPredict(classifier), val_feed, len(val_rows)))
-    weights_by_class = class_weights(train_labels, num_classes) if options["class_balance"] == "weights" else None
-
-    limit = options["time_limit_minutes"]
-    clock = RunClock(float(meta.get("train_seconds", 0.0)), limit * 60 if limit else None)
+    run = (resume_run(run_dir, archive, parallel) if resume else
+           start_run(run_dir, archive, config, weights_dir=weights_dir, settings_dump=settings_dump or {},
+                     parallel=parallel))
+    clock = RunClock(float(run.meta.get("train_seconds", 0.0)),
+                     run.config.time_limit_minutes * 60 if run.config.time_limit_minutes else None)
     clock.start()
-    report = EpochReport(console, options["epochs"], options["batch_size"], progress)
-    time_limit = TimeLimit(clock)
-    early_stopping = keras.callbacks.EarlyStopping(monitor="val_bma", mode="max", patience=options["early_stopping_patience"])
-    common = [
-        ValidationMetrics(predict_val, archive.labels[val_rows], melanoma_index(archive.classes)),
-        report,
-        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
-        RunCheckpoint(run_dir, classifier, meta, clock),
-        time_limit,
-    ]
-    if options["tensorboard"]:
-        common.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / TENSORBOARD_DIR)))
-
+    feed = training_feed(run, archive, parallel)
+    callbacks = assemble_callbacks(run, archive, clock, console=console, progress=progress, parallel=parallel)
     started = time.monotonic()
-    stopped_by = "epochs"
     try:
-        for phase in _phases(options, first_epoch):
-            # A run resumed in the middle of a phase continues with the optimizer it saved.
-            if not (resume and phase.start < first_epoch):
-                if phase.backbone_trainable is not None:
-                    set_backbone_trainable(classifier, phase.backbone_trainable)
-                compile_for_training(trainer, phase.learning_rate)
-            head_only = phase.backbone_trainable is False
-            schedule = _ConstantRate(phase.learning_rate) if head_only else CosineSchedule(
-                phase.learning_rate, phase.start, phase.end, clock)
-            callbacks = [schedule, *common] if head_only else [schedule, *common, early_stopping]
-            trainer.fit(feed, initial_epoch=max(phase.start, first_epoch), epochs=phase.end, callbacks=callbacks,
-                        class_weight=weights_by_class, verbose=0)
-            if time_limit.stopped:
-                stopped_by = "time_limit"
-                break
-            if early_stopping.stopped_epoch > 0:
-                stopped_by = "early_stopping"
-                break
+        stopped_by = run_phases(run, archive, feed, callbacks, clock)
     except KeyboardInterrupt:
-        save_model(trainer, run_dir / LAST_FILE)
-        meta.update(status=INTERRUPTED, train_seconds=round(clock.seconds(), 1))
-        write_json(run_dir / RUN_FILE, meta)
+        save_model(run.trainer, run_dir / LAST_FILE)
+        run.meta.update(status=INTERRUPTED, train_seconds=round(clock.seconds(), 1))
+        write_json(run_dir / RUN_FILE, run.meta)
         write_model_card(run_dir, archive.header)
-        return _result(run_dir, meta, "interrupt", time.monotonic() - started)
-    meta.update(status=COMPLETE, stopped_by=stopped_by, finished=_now())
-    write_json(run_dir / RUN_FILE, meta)
+        return _result(run_dir, run.meta, "interrupt", time.monotonic() - started)
+    run.meta.update(status=COMPLETE, stopped_by=stopped_by, finished=utc_now())
+    write_json(run_dir / RUN_FILE, run.meta)
     from melanoma.modeling.reliability import fit_reliability  # it reads the finished model.keras
 
     if progress:
         console.print("Fitting the temperature and the out-of-distribution gate ...")
     fit_reliability(run_dir, archive, flag_fraction=ood_flag_fraction)
     write_model_card(run_dir, archive.header)
-    return _result(run_dir, meta, stopped_by, time.monotonic() - started)
+    return _result(run_dir, run.meta, stopped_by, time.monotonic() - started)
+
+
+@dataclass
+class PreparedRun:
+    """A run folder ready to train: its record, its options, the model and where it stands."""
+
+    run_dir: Path
+    meta: dict[str, Any]  # run.json, updated as training goes on
+    config: TrainConfig
+    trainer: keras.Model  # augmentation (if any), then the classifier
+    first_epoch: int  # epochs already done
+    resumed: bool
+
+    @property
+    def classifier(self) -> keras.Model:
+        return self.trainer.layers[-1]
+
+
+def start_run(run_dir: Path, archive: Archive, config: TrainConfig, *, weights_dir: Path | None,
+              settings_dump: dict[str, Any], parallel: Parallel | None) -> PreparedRun:
+    """Build the model and make the run folder of a new run."""
+    if parallel is not None:
+        parallel.check_batch(config.batch_size)
+    _check_new_run_dir(run_dir)
+    keras.utils.set_random_seed(config.seed)  # before building: the initial weights depend on it
+    # Built before the run folder exists, so that a bad model name or weights file leaves nothing behind.
+    classifier = build_model(config.model, num_classes=len(archive.classes), image_size=archive.images.shape[1],
+                             weights=config.weights, weights_dir=weights_dir)
+    trainer = training_model(classifier, config.augment, config.seed, extra=config.extra_augment,
+                             vignette=config.vignette_augment)
+    meta = _write_new_run(run_dir, archive, config, settings_dump, engine_info(parallel))
+    return PreparedRun(run_dir, meta, config, trainer, 0, resumed=False)
+
+
+def resume_run(run_dir: Path, archive: Archive, parallel: Parallel | None) -> PreparedRun:
+    """Load the unfinished run in ``run_dir`` from its last checkpoint, with its recorded options."""
+    meta = _meta_to_resume(run_dir, archive)
+    config = recorded_training(meta, run_dir)
+    if parallel is not None:
+        parallel.check_batch(config.batch_size)
+    keras.utils.set_random_seed(config.seed)
+    trainer = _load_trainer(run_dir / LAST_FILE)
+    trim_history(run_dir / HISTORY_FILE, int(meta["epochs_done"]))
+    meta.update(status=RUNNING, process=training_process(), engine=engine_info(parallel))
+    write_json(run_dir / RUN_FILE, meta)
+    return PreparedRun(run_dir, meta, config, trainer, int(meta["epochs_done"]), resumed=True)
+
+
+def training_feed(run: PreparedRun, archive: Archive, parallel: Parallel | None) -> ArchiveFeed:
+    """The training batches (this process's shard of them), from the run's next epoch on."""
+    config, rows = run.config, archive.indices("train")
+    return ArchiveFeed(archive.images, archive.labels, rows, batch_size=config.batch_size, shuffle=True,
+                       seed=config.seed, first_epoch=run.first_epoch, shard=parallel.shard if parallel else None,
+                       row_probabilities=sampling_probabilities(config.class_balance, archive.labels[rows],
+                                                                archive.manifest.iloc[rows].get("source")))
+
+
+@dataclass
+class Callbacks:
+    """The callbacks of a run's phases."""
+
+    every_phase: list[keras.callbacks.Callback]  # validation, report, history, checkpoints, time limit
+    early_stopping: keras.callbacks.EarlyStopping  # phases that fine-tune the whole network
+    time_limit: TimeLimit
+
+
+def assemble_callbacks(run: PreparedRun, archive: Archive, clock: RunClock, *, console: Console, progress: bool,
+                       parallel: Parallel | None) -> Callbacks:
+    """Validation metrics, progress, CSV history, checkpoints and the time limit (in the
+    order they must see each epoch's logs), TensorBoard if asked, and early stopping."""
+    config, val_rows = run.config, archive.indices("val")
+    val_batch = max(64, config.batch_size)
+    val_feed = ArchiveFeed(archive.images, archive.labels, val_rows, shard=parallel.shard if parallel else None,
+                           batch_size=val_batch if parallel is None else parallel.round_up(val_batch))
+    predict_val = (partial(run.classifier.predict, val_feed, verbose=0) if parallel is None
+                   else partial(ReplicatedPredict(run.classifier), val_feed, len(val_rows)))
+    time_limit = TimeLimit(clock)
+    every_phase = [
+        ValidationMetrics(predict_val, archive.labels[val_rows], melanoma_index(archive.classes)),
+        EpochReport(console, config.epochs, config.batch_size, progress),
+        keras.callbacks.CSVLogger(str(run.run_dir / HISTORY_FILE), append=True),
+        RunCheckpoint(run.run_dir, run.classifier, run.meta, clock),
+        time_limit,
+    ]
+    if config.tensorboard:
+        every_phase.append(keras.callbacks.TensorBoard(log_dir=str(run.run_dir / TENSORBOARD_DIR)))
+    early_stopping = keras.callbacks.EarlyStopping(monitor="val_bma", mode="max", patience=config.early_stopping_patience)
+    return Callbacks(every_phase, early_stopping, time_limit)
+
+
+def run_phases(run: PreparedRun, archive: Archive, feed: ArchiveFeed, callbacks: Callbacks, clock: RunClock) -> str:
+    """Fit the phases that have epochs left on ``feed``; return what stopped training:
+    "epochs", "early_stopping" or "time_limit" (KeyboardInterrupt passes through)."""
+    config = run.config
+    class_weight = (class_weights(archive.labels[archive.indices("train")], len(archive.classes))
+                    if config.class_balance == "weights" else None)
+    for phase in _phases(config, run.first_epoch):
+        # A run resumed in the middle of a phase continues with the optimizer it saved.
+        if not (run.resumed and phase.start < run.first_epoch):
+            if phase.backbone_trainable is not None:
+                set_backbone_trainable(run.classifier, phase.backbone_trainable)
+            compile_for_training(run.trainer, phase.learning_rate)
+        head_only = phase.backbone_trainable is False
+        schedule = _ConstantRate(phase.learning_rate) if head_only else CosineSchedule(
+            phase.learning_rate, phase.start, phase.end, clock)
+        fitted = [schedule, *callbacks.every_phase] + ([] if head_only else [callbacks.early_stopping])
+        run.trainer.fit(feed, initial_epoch=max(phase.start, run.first_epoch), epochs=phase.end, callbacks=fitted,
+                        class_weight=class_weight, verbose=0)
+        if callbacks.time_limit.stopped:
+            return "time_limit"
+        if callbacks.early_stopping.stopped_epoch > 0:
+            return "early_stopping"
+    return "epochs"
 
 
 class _ConstantRate(keras.callbacks.Callback):
@@ -427,10 +449,12 @@ class _Phase:
     backbone_trainable: bool | None  # None: a model without a pretrained backbone
 
 
-def _phases(options: dict[str, Any], first_epoch: int) -> list[_Phase]:
-    """The training phases that still have epochs to run after ``first_epoch``."""
-    epochs, lr, freeze = options["epochs"], options["learning_rate"], options["freeze_epochs"]
-    if not is_pretrainable(options["model"]) or options["weights"] == "none":
+def _phases(config: TrainConfig, first_epoch: int) -> list[_Phase]:
+    """The training phases that still have epochs to run after ``first_epoch``: from scratch,
+    one phase; a pretrained backbone, ``freeze_epochs`` epochs that train the new head alone at
+    the learning rate, then the whole network at a tenth of it (from the start if 0)."""
+    epochs, lr, freeze = config.epochs, config.learning_rate, config.freeze_epochs
+    if not config.fine_tunes_backbone:
         phases = [_Phase(0, epochs, lr, None)]  # from scratch: every layer trains at full rate
     elif freeze <= 0:
         phases = [_Phase(0, epochs, lr * FINE_TUNE_LR_FACTOR, True)]
@@ -458,10 +482,22 @@ def set_backbone_trainable(classifier: keras.Model, trainable: bool) -> None:
     freeze_batchnorm(backbone)  # setting trainable above reached every layer, BatchNorm too
 
 
-def balanced_sampling_probabilities(labels: np.ndarray) -> np.ndarray:
-    """Per-row probabilities that make every class equally likely to be drawn."""
-    counts = np.bincount(labels)
-    probabilities = 1.0 / counts[labels]
+def sampling_probabilities(class_balance: str, labels: np.ndarray, sources: Any = None) -> np.ndarray | None:
+    """Per-row probabilities of drawing each training row (with replacement), or None (every
+    row once per epoch) unless ``class_balance`` samples. "sampling": every class equally
+    likely. "class-source": every class equally likely and, within a class, every source
+    (``sources``, one per row, e.g. the manifest's clinic) equally likely, so that one
+    device's nevi do not stand for all nevi: p ∝ 1 / (n_sources_in_class × count(class,
+    source)). Without sources (an archive made before they were recorded), as "sampling"."""
+    if class_balance not in ("sampling", "class-source"):
+        return None
+    if class_balance == "sampling" or sources is None:
+        sources = np.zeros(len(labels))
+    _, source_codes = np.unique(np.asarray(sources).astype(str), return_inverse=True)
+    cells, cell_of_row, cell_counts = np.unique(np.stack([labels, source_codes.ravel()], axis=1), axis=0,
+                                                return_inverse=True, return_counts=True)
+    sources_in_class = np.bincount(cells[:, 0])
+    probabilities = 1.0 / (sources_in_class[labels] * cell_counts[cell_of_row.ravel()])
     return probabilities / probabilities.sum()
 
 
@@ -525,19 +561,19 @@ def _check_new_run_dir(run_dir: Path) -> None:
         raise ModelError(f"{run_dir} exists and is not an empty folder.", hint="Choose a new --run-dir.")
 
 
-def _start_run(run_dir: Path, archive: Archive, options: dict[str, Any], settings_dump: dict[str, Any],
-               engine: dict[str, Any]) -> dict[str, Any]:
+def _write_new_run(run_dir: Path, archive: Archive, config: TrainConfig, settings_dump: dict[str, Any],
+                   engine: dict[str, Any]) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     header = archive.header
     meta = {
-        "run_id": run_dir.name, "model": options["model"], "weights": options["weights"],
+        "run_id": run_dir.name, "model": config.model, "weights": config.weights,
         "classes": list(archive.classes), "image_size": int(archive.images.shape[1]),
         "preprocess": header["preprocess"],
         "archive": {"path": str(Path(archive.path).resolve()), "sha256": header["sha256"], "source": header.get("source"),
                     "seed": header.get("seed"), "test_where": header.get("test_where")},
         "git": git_state(), "process": training_process(),
-        "created": _now(), "status": RUNNING, "epochs_done": 0, "best": None, "train_seconds": 0.0,
-        "training": options, "engine": engine,
+        "created": utc_now(), "status": RUNNING, "epochs_done": 0, "best": None, "train_seconds": 0.0,
+        "training": config.to_dict(), "engine": engine,
     }
     write_json(run_dir / CONFIG_FILE, settings_dump)
     write_json(run_dir / VERSIONS_FILE, _library_versions())
@@ -561,8 +597,4 @@ def _result(run_dir: Path, meta: dict[str, Any], stopped_by: str, seconds: float
     best = meta.get("best") or {}
     return TrainResult(run_dir, meta["status"], int(meta["epochs_done"]), best.get("epoch"), best.get("val_bma"),
                        stopped_by, seconds)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

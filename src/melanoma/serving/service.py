@@ -359,19 +359,19 @@ class ModelService:
         melanoma = self.melanoma_index()
         return ModelCard(
             run_id=run.run_id,
-            model=str(run.meta.get("model", "unknown")),
+            model=run.model,
             classes=list(predictor.classes),
             image_size=predictor.image_size,
             engine=predictor.engine,
-            archive_sha256=(run.meta.get("archive") or {}).get("sha256"),
+            archive_sha256=run.archive_sha256,
             trained=run.meta.get("created"),
             preprocess=predictor.params.to_dict(),
             melanoma_class=None if melanoma is None else predictor.classes[melanoma],
             operating_point=(metrics or {}).get("melanoma"),
             metrics=metrics,
             temperature=predictor.temperature,
-            calibration=run.meta.get("calibration"),
-            ood=run.meta.get("ood"),
+            calibration=run.calibration,
+            ood=run.ood,
             cross_site_run_id=None if self._cross_site is None else self._cross_site.run_id,
             cross_site_metrics=None if self._cross_site is None else self._cross_site.metrics,
         )
