@@ -53,7 +53,7 @@ DEFAULT_OOD_FLAG_FRACTION = 0.05
 ENV_PREFIX = "MELANOMA_"
 # MELANOMA_* variables that are not settings: the --config file, the spec `serve` hands
 # its worker processes, the notebook's inputs, the tests' data folder and TensorFlow's logs
-# (melanoma.cli.quiet).
+# (melanoma.quiet).
 OTHER_ENV_VARIABLES = ("MELANOMA_CONFIG", "MELANOMA_SERVE_SPEC", "MELANOMA_NOTEBOOK_ARCHIVE", "MELANOMA_NOTEBOOK_RUN",
                        "MELANOMA_SHARED_DATA", "MELANOMA_TF_LOGS")
 logger = logging.getLogger(__name__)

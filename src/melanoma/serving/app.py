@@ -31,6 +31,7 @@ from melanoma.config import Settings
 from melanoma.errors import MelanomaError
 from melanoma.modeling.explain import SegmentationParams
 from melanoma.modeling.runs import find_examples, read_run
+from melanoma.quiet import quiet_tensorflow
 from melanoma.serving.api import MAX_FILES_PER_REQUEST, UI_PATH, install_error_handlers, prometheus_metrics, router
 from melanoma.serving.limits import BodyLimits, H11WithHeaderTimeout
 from melanoma.serving.logs import logging_config
@@ -133,6 +134,7 @@ def gradio_upload_dir() -> str:
 def app_from_environment() -> FastAPI:
     """uvicorn's factory in each worker process: the app described by ``serve``."""
     spec = json.loads(os.environ[_SERVE_SPEC_ENV])
+    quiet_tensorflow(os.environ)  # a worker process imports TensorFlow afresh (the CLI's own filter stays behind)
     logging.captureWarnings(True)  # Python's warnings in the server's log format too
     metrics_dir = os.environ.get(MULTIPROCESS_ENV)  # as prometheus_client read it when imported here
     return create_app(
