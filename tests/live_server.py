@@ -1,6 +1,7 @@
 """`melanoma serve` as a real server process on 127.0.0.1, for the tests that probe it as
 a client would: started with settings given as MELANOMA_* variables, stopped by SIGINT
-(as Ctrl+C would), its output kept in a log file."""
+(as Ctrl+C would), its output kept in a log file (stdout and stderr together, or stderr,
+where the server logs, in a file of its own)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class LiveServer:
     port: int
     process: subprocess.Popen
     log: Path
+    stderr: Path | None = None  # where stderr went, if not to log
 
     def stop(self, timeout: float = 120) -> int:
         """SIGINT, then the exit code once it has drained and stopped."""
@@ -44,9 +46,13 @@ class LiveServer:
             self.process.kill()
             pytest.fail(f"the server did not stop within {timeout:.0f} s of SIGINT:\n{self.log.read_text()[-3000:]}")
 
+    def json_log(self) -> list[dict[str, Any]]:
+        """The JSON log lines so far (log_format json)."""
+        return [json.loads(line) for line in (self.stderr or self.log).read_text().splitlines() if line.startswith("{")]
+
     def request_log(self) -> list[dict[str, Any]]:
-        """The JSON lines of the request log so far."""
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+        """The lines of the request log so far."""
+        return [r for r in self.json_log() if r["logger"] == "melanoma.serving.access"]
 
 
 def wait_until_ready(server: LiveServer, timeout: float = 240) -> None:
@@ -65,19 +71,21 @@ def wait_until_ready(server: LiveServer, timeout: float = 240) -> None:
 
 
 @contextmanager
-def live_server(run: Path, log: Path, *, env: dict[str, str] | None = None, **settings: Any) -> Iterator[LiveServer]:
-    """`melanoma serve --run RUN` on a free port, with ``settings`` as MELANOMA_* variables
-    and ``env`` as further environment variables."""
+def live_server(run: Path, log: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                stderr: Path | None = None, ready_timeout: float = 240, **settings: Any) -> Iterator[LiveServer]:
+    """`melanoma serve --run RUN [ARGS]` on a free port, with ``settings`` as MELANOMA_*
+    variables and ``env`` as further environment variables; its stderr goes to ``stderr``
+    if given, else with its stdout to ``log``."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.update({f"MELANOMA_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
                 for name, value in settings.items()})
-    with open(log, "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "melanoma", "serve", "--run", str(run), "--port", str(port)],
-                                   stdout=output, stderr=subprocess.STDOUT, env=env)
-    server = LiveServer(f"http://127.0.0.1:{port}", port, process, log)
+    command = [sys.executable, "-m", "melanoma", "serve", "--run", str(run), "--port", str(port), *args]
+    with open(log, "wb") as output, (open(stderr, "wb") if stderr else nullcontext(subprocess.STDOUT)) as errors:
+        process = subprocess.Popen(command, stdout=output, stderr=errors, env=env)
+    server = LiveServer(f"http://127.0.0.1:{port}", port, process, log, stderr)
     try:
-        wait_until_ready(server)
+        wait_until_ready(server, ready_timeout)
         yield server
     finally:
         server.stop()

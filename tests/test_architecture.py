@@ -9,7 +9,7 @@ import graphlib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "melanoma"
-# Bottom to top; a top-level module not named here (errors, files, plots, config, provenance) is layer 0.
+# Bottom to top; a top-level module not named here (errors, files, plots, config, provenance, quiet) is layer 0.
 LAYERS = {"data": 1, "modeling": 2, "serving": 3, "cli": 4, "__main__": 4}
 
 

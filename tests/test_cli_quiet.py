@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from melanoma.cli.quiet import _QuietImport, quiet_tensorflow, without_absl_info
+from melanoma.quiet import _QuietImport, quiet_tensorflow, without_absl_info
 
 # What `import tensorflow` printed before (TensorFlow 2.21 on Linux, TF_CPP_MIN_LOG_LEVEL=2)
 STARTUP = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"

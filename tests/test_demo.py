@@ -20,7 +20,7 @@ def test_demo_replaces_only_an_archive_it_made(cli, tmp_path: Path, monkeypatch:
     later_steps = []
     monkeypatch.setattr(demo_module, "train_command", lambda ctx, **kwargs: later_steps.append("train"))
     monkeypatch.setattr(demo_module, "evaluate_command", lambda ctx, **kwargs: later_steps.append("evaluate"))
-    monkeypatch.setattr("melanoma.serving.app.add_examples", lambda run_dir, manifest: None)
+    monkeypatch.setattr("melanoma.modeling.runs.add_examples", lambda run_dir, manifest: None)
     archive, synthetic = tmp_path / "archive", tmp_path / "synthetic"
     for name, value in {"DATA_DIR": tmp_path / "no-data", "ARCHIVE_DIR": archive, "SYNTHETIC_DIR": synthetic,
                         "IMAGE_SIZE": 32, "DEMO_SYNTHETIC_PER_CLASS": 10, "WORKERS": 1}.items():

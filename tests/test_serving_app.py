@@ -134,6 +134,15 @@ def test_explain_lime_uses_the_requested_samples_within_the_limit(client: TestCl
     assert "lime_max_samples" in too_many.json()["detail"]
 
 
+def test_lime_cuts_superpixels_as_the_settings_say(predictor: Predictor, images: list[Path]) -> None:
+    # The server honours lime_segmentation and lime_superpixels, as `melanoma explain` does.
+    with client_with(predictor, lime_segmentation="quickshift", lime_superpixels=20) as client:
+        response = client.post("/v1/explain", files=[upload(images[1], "file")], data={"method": "lime", "samples": "20"})
+    assert response.status_code == 200, response.text
+    segmentation = response.json()["details"]["segmentation"]  # what the explanation was made with
+    assert (segmentation["algorithm"], segmentation["n_segments"]) == ("quickshift", 20)
+
+
 def test_model_card_describes_the_run(client: TestClient, trained_run: Path) -> None:
     card = client.get("/v1/model").json()
     meta = json.loads((trained_run / "run.json").read_text())
@@ -267,7 +276,7 @@ def test_one_log_line_per_request_with_the_hash_never_the_image(client: TestClie
     with caplog.at_level(logging.INFO, logger="melanoma.serving.access"):
         client.post("/v1/predict", files=[upload(images[2])])
         client.post("/v1/predict", files=[("files", ("notes.jpg", b"not an image" * 10, "image/jpeg"))])
-    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "melanoma.serving.access"]
+    records = [r.__dict__ for r in caplog.records if r.name == "melanoma.serving.access"]
     assert [(r["route"], r["status"]) for r in records] == [("/v1/predict", 200), ("/v1/predict", 415)]
     assert records[0]["images_sha256"] == [hashlib.sha256(data).hexdigest()]
     assert all(r["latency_ms"] > 0 for r in records)

@@ -40,6 +40,7 @@ EngineChoice = Literal["keras", "onnx"]
 ExplainMethod = Literal["lime", "gradcam", "both"]
 ExportFormat = Literal["onnx"]
 ListFormat = Literal["table", "csv", "json"]
+LogFormat = Literal["json", "text"]
 # What each class code means, for people (HAM10000's codes and ISIC 2019's).
 CLASS_NAMES = {
     "mel": "Melanoma", "nv": "Melanocytic nevus", "bcc": "Basal cell carcinoma",
@@ -52,7 +53,7 @@ DEFAULT_OOD_FLAG_FRACTION = 0.05
 ENV_PREFIX = "MELANOMA_"
 # MELANOMA_* variables that are not settings: the --config file, the spec `serve` hands
 # its worker processes, the notebook's inputs, the tests' data folder and TensorFlow's logs
-# (melanoma.cli.quiet).
+# (melanoma.quiet).
 OTHER_ENV_VARIABLES = ("MELANOMA_CONFIG", "MELANOMA_SERVE_SPEC", "MELANOMA_NOTEBOOK_ARCHIVE", "MELANOMA_NOTEBOOK_RUN",
                        "MELANOMA_SHARED_DATA", "MELANOMA_TF_LOGS")
 logger = logging.getLogger(__name__)
@@ -169,6 +170,11 @@ class Settings(BaseSettings):
     serve_docs: bool = Field(True, description="Serve the OpenAPI page (/docs, /redoc, /openapi.json).")
     serve_metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     ui_cache_seconds: int = Field(3600, ge=1, le=30 * 24 * 3600, description="The playground deletes uploads and results older than this.")
+    worker_healthcheck_seconds: int = Field(60, ge=1, le=3600, description="serve --workers N: replace a worker that "
+                                            "does not answer uvicorn's health check within this (a worker loading "
+                                            "TensorFlow and the model is silent for seconds; uvicorn's 5 s kill it).")
+    log_format: LogFormat = Field("json", description="Server log lines (app, uvicorn, Gradio) on stderr: json (one "
+                                  "object per line, for log collectors) or text (for a terminal).")
 
     @model_validator(mode="after")
     def _fractions_leave_a_training_set(self) -> Settings:

@@ -15,8 +15,8 @@ import sys
 
 from melanoma.cli import data, inference, serving, training  # noqa: F401  (importing registers the commands)
 from melanoma.cli.base import app, console, out
-from melanoma.cli.quiet import quiet_tensorflow
 from melanoma.errors import MelanomaError
+from melanoma.quiet import quiet_tensorflow
 
 __all__ = ["app", "console", "main", "out"]
 

@@ -25,7 +25,6 @@ from melanoma.config import (
     ExplainMethod,
     ExportFormat,
     PredictFormat,
-    Settings,
     SplitChoice,
 )
 from melanoma.errors import MelanomaError, ModelError
@@ -37,12 +36,6 @@ def _progress() -> Any:
     from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
     return Progress(*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
-
-
-def _segmentation(settings: Settings) -> Any:
-    from melanoma.modeling.explain import SegmentationParams
-
-    return SegmentationParams(algorithm=settings.lime_segmentation, n_segments=settings.lime_superpixels)
 
 
 @app.command("predict")
@@ -155,13 +148,13 @@ def explain(
     max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Explain one prediction with LIME and/or Grad-CAM: figures (PNG) and numbers (JSON)."""
-    from melanoma.modeling.explain import explain_file, parse_methods
+    from melanoma.modeling.explain import SegmentationParams, explain_file, parse_methods
     from melanoma.modeling.predict import Predictor
 
     settings = settings_for(ctx, max_pixels=max_pixels, lime_max_samples=samples, seed=seed, explain_top_k=top_k,
                             lime_segmentation=segmentation, lime_superpixels=superpixels)
     methods = parse_methods(method)
-    params = _segmentation(settings)
+    params = SegmentationParams.from_settings(settings)
     predictor = Predictor.from_run(run, max_pixels=settings.max_pixels)
     with console.status(f"Explaining {image.name} with {' and '.join(methods)} ..."):
         written = explain_file(
@@ -188,6 +181,7 @@ def explain_eval(
 ) -> None:
     """How far explanations can be trusted: deletion/insertion AUC and stability across seeds."""
     from melanoma.data.archive import HEADER_FILE, open_archive
+    from melanoma.modeling.explain import SegmentationParams
     from melanoma.modeling.trust import evaluate_explanations, sample_images, write_trust_report
     from melanoma.modeling.predict import Predictor
 
@@ -208,7 +202,7 @@ def explain_eval(
         task = progress.add_task(f"Explaining {len(images)} {split} images", total=len(images))
         report = evaluate_explanations(
             predictor, images, image_ids=image_ids, num_samples=settings.lime_max_samples, seed=settings.seed,
-            segmentation=_segmentation(settings), on_progress=lambda k: progress.advance(task, k),
+            segmentation=SegmentationParams.from_settings(settings), on_progress=lambda k: progress.advance(task, k),
         )
     table = Table(title=f"Explanation quality on {len(images)} {split} images of {archive_dir} "
                   f"(LIME {settings.lime_max_samples} samples)")

@@ -11,6 +11,7 @@ import typer
 from melanoma.cli.base import CalibrationOption, RunOption, app, out, settings_for
 from melanoma.cli.data import prepare
 from melanoma.cli.training import evaluate_command, train_command
+from melanoma.config import LogFormat
 from melanoma.errors import MelanomaError
 
 DEMO_MARKER = ".melanoma-demo"  # in an archive the demo made: the demo may replace it
@@ -23,18 +24,22 @@ def serve_command(
     run: RunOption,
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (0.0.0.0: all; default: host setting).")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port (default: port setting).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Server processes; each loads its own copy of the model.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes; each loads its own copy of the model "
+                                         "(/metrics adds up all of them).")] = 1,
     root_path: Annotated[
         str, typer.Option(help="URL prefix under which a reverse proxy publishes the server, e.g. /melanoma.")
     ] = "",
     calibration: CalibrationOption = None,
     cross_site_run: Annotated[Optional[Path], typer.Option(help="The same model's cross-clinic run: its test "
                                                            "figures appear in the model card.")] = None,
+    log_format: Annotated[Optional[LogFormat], typer.Option(help="Log lines on stderr: json (for log collectors) "
+                                                            "or text (for a terminal); default: log_format setting.")] = None,
 ) -> None:
     """Serve a run: REST API (/v1/..., docs at /docs), playground at /ui, /metrics for Prometheus."""
     from melanoma.serving.app import serve, ui_url
 
-    settings = settings_for(ctx, host=host, port=port, calibration=calibration, cross_site_run=cross_site_run)
+    settings = settings_for(ctx, host=host, port=port, calibration=calibration, cross_site_run=cross_site_run,
+                            log_format=log_format)
     out.print(f"Loading {run}; once it is ready the playground is at [bold]{ui_url(settings, root_path)}[/] "
               "(API docs at /docs). Ctrl+C stops it.", soft_wrap=True)
     serve(settings, run, workers=workers, root_path=root_path)
@@ -61,7 +66,7 @@ def demo(
     from melanoma.data.sources import detect_source
     from melanoma.data.synthetic import make_synthetic_dataset
     from melanoma.files import write_text
-    from melanoma.serving.app import add_examples
+    from melanoma.modeling.runs import add_examples
 
     settings = settings_for(ctx, demo_epochs=epochs, demo_time_limit_minutes=time_limit)
     data_dir, synthetic = settings.data_dir, False

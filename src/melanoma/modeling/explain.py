@@ -63,6 +63,11 @@ class SegmentationParams:
         if self.n_segments < 2:
             raise MelanomaError(f"Need at least 2 superpixels, got n_segments={self.n_segments}.")
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> SegmentationParams:
+        """The ``lime_segmentation`` and ``lime_superpixels`` of :class:`melanoma.config.Settings`."""
+        return cls(algorithm=settings.lime_segmentation, n_segments=settings.lime_superpixels)
+
     def segment(self, image: np.ndarray, seed: int = 0) -> np.ndarray:
         """Superpixel labels 0..n-1 (lime's convention) for an RGB image."""
         from lime.wrappers.scikit_image import SegmentationAlgorithm

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,3 +253,32 @@ def run_rows_text(rows: list[dict[str, Any]], fmt: str) -> str:
     import pandas as pd
 
     return pd.DataFrame(rows, columns=list(RUN_LIST_COLUMNS)).to_csv(index=False)
+
+
+# --------------------------------------------------------------------------- examples
+# The demo copies a few held-out images here, which the playground offers.
+EXAMPLES_DIR = "examples"
+EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def find_examples(run_dir: Path | None) -> list[Path]:
+    """Example images for the UI: the run folder's ``examples/`` images, if any."""
+    folder = None if run_dir is None else Path(run_dir) / EXAMPLES_DIR
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
+
+
+def add_examples(run_dir: Path, manifest: Any, *, split: str = "test", max_images: int = 4) -> list[Path]:
+    """Copy one held-out source image per class (up to ``max_images``) into the run's
+    ``examples/`` folder, so that the playground offers real images the model never saw."""
+    folder = Path(run_dir) / EXAMPLES_DIR
+    folder.mkdir(exist_ok=True)
+    held_out = manifest[manifest["split"] == split]
+    copied = []
+    for _, row in held_out.groupby("label", sort=True).head(1).head(max_images).iterrows():
+        source = Path(row["path"])
+        target = folder / f"{row['label']}-{source.name}"
+        shutil.copyfile(source, target)
+        copied.append(target)
+    return copied

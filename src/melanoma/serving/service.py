@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import numpy as np
@@ -33,7 +33,10 @@ from melanoma.data.preprocess import load_image
 from melanoma.data.quality import QualityLimits, quality_warnings, source_size
 from melanoma.errors import ImageError, ModelError
 from melanoma.serving.limits import Gate, Upload, UploadRejected, check_upload, check_uploads
-from melanoma.serving.metrics import ServiceMetrics
+from melanoma.serving.metrics import MODEL_INFO_LABELS, ServiceMetrics
+
+if TYPE_CHECKING:
+    from melanoma.modeling.explain import SegmentationParams
 
 log = logging.getLogger("melanoma.serving")
 
@@ -204,14 +207,16 @@ class MicroBatcher:
 
 
 class ModelService:
-    """The predictor of one run, with its micro-batcher, metrics and model card."""
+    """The predictor of one run, with its micro-batcher, metrics and model card;
+    ``segmentation``: how LIME explanations cut images into superpixels."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, *, run_dir: Path | None = None,
-                 predictor: Any = None):
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, *, segmentation: SegmentationParams,
+                 run_dir: Path | None = None, predictor: Any = None):
         if run_dir is None and predictor is None:
             raise ModelError("The server needs a run folder (or a loaded Predictor) to serve.")
         self.settings = settings
         self.metrics = metrics
+        self.segmentation = segmentation
         self._run_dir = run_dir
         self._predictor = predictor
         self._batcher = MicroBatcher(lambda images: self.predictor.analyse_arrays(images))
@@ -241,24 +246,16 @@ class ModelService:
         try:
             from melanoma.modeling import explain
 
-            explain.explain_lime(predictor, blank[0], num_samples=10, seed=0, top_k=1,
-                                 segmentation=explain.SegmentationParams())
+            explain.explain_lime(predictor, blank[0], num_samples=10, seed=0, top_k=1, segmentation=self.segmentation)
             if predictor.model is not None:  # Grad-CAM needs the Keras engine
                 explain.gradcam_for(predictor)(blank, [0])
         except Exception as exc:  # predictions are still served; explain requests will say why
             log.warning("Explanations do not work with this model: %s", exc)
         self._batcher.start()
         card = self.card()
-        self.metrics.model.info(
-            {
-                "run_id": card.run_id,
-                "model": card.model,
-                "classes": ",".join(card.classes),
-                "image_size": str(card.image_size),
-                "engine": card.engine,
-                "archive_sha256": card.archive_sha256 or "",
-            }
-        )
+        info = {"run_id": card.run_id, "model": card.model, "classes": ",".join(card.classes),
+                "image_size": str(card.image_size), "engine": card.engine, "archive_sha256": card.archive_sha256 or ""}
+        self.metrics.model.labels(*(info[name] for name in MODEL_INFO_LABELS)).set(1)
         self.ready = True
 
     def stop(self) -> None:
@@ -412,7 +409,7 @@ class ModelService:
             try:
                 result = explain.explain_lime(
                     _UntilDeadline(predictor, deadline), image, num_samples=num_samples, seed=self.settings.seed,
-                    top_k=top_k, segmentation=explain.SegmentationParams(),
+                    top_k=top_k, segmentation=self.segmentation,
                 )
             finally:
                 self._lime_lock.release()

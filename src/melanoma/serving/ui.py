@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from melanoma.errors import MelanomaError
 from melanoma.serving.limits import Busy, Upload, UploadRejected, sniff_media_type
-from melanoma.serving.metrics import REQUEST_ID, access_log
+from melanoma.serving.metrics import REQUEST_ID, log_request
 from melanoma.serving.responses import error_response
 from melanoma.serving.service import ImagePrediction, ModelCard, ModelService, class_name
 
@@ -129,11 +129,11 @@ def card_markdown(card: ModelCard) -> str:
     return "\n\n".join(lines)
 
 
-def log_request(route: str, upload: Upload, start: float) -> None:
+def log_event(route: str, upload: Upload, start: float) -> None:
     """The UI's events in the request log, in the API's format (their HTTP requests are
     Gradio's queue calls, which carry no image)."""
     latency_ms = round((time.perf_counter() - start) * 1000, 2)
-    access_log.info(json.dumps({"route": route, "latency_ms": latency_ms, "images_sha256": [upload.sha256]}))
+    log_request({"route": route, "latency_ms": latency_ms, "images_sha256": [upload.sha256]})
 
 
 def is_image_file(path: Path) -> bool:
@@ -208,7 +208,7 @@ def build_ui(service: ModelService, *, examples: Sequence[Path], lime_max_sample
         start = time.perf_counter()
         upload, image = prepare(path)
         prediction = service.describe(upload, service.predict_blocking(image[None]), image)
-        log_request("ui:classify", upload, start)
+        log_event("ui:classify", upload, start)
         return label_value(prediction), decision_markdown(prediction), warnings_markdown(prediction)
 
     def explain(path: str | None, method: str, samples: float) -> tuple[Image.Image, str]:
@@ -225,7 +225,7 @@ def build_ui(service: ModelService, *, examples: Sequence[Path], lime_max_sample
             raise gr.Error(f"The explanation took longer than {timeout:g} s: try fewer LIME samples.") from None
         except Busy as exc:
             raise gr.Error(str(exc)) from None
-        log_request(f"ui:explain:{METHODS[method]}", upload, start)
+        log_event(f"ui:explain:{METHODS[method]}", upload, start)
         note = (f"{method} of **{result.explained_classes[0]}** in {result.seconds:.2f} s. "
                 + ("Green superpixels push towards the class, red ones against it." if method == "LIME"
                    else "Warm colours mark the regions that raise the class score most."))

@@ -1,4 +1,5 @@
-"""Keep TensorFlow's start-up chatter out of the command's output.
+"""Keep TensorFlow's start-up chatter out of the command's output (and out of the server's
+log, whose lines are JSON: the CLI and each worker process of ``serve --workers N`` call it).
 
 TensorFlow's C++ libraries log from their static initialisers, while ``import tensorflow``
 loads them, through absl before absl's logging is set up: every such line (``WARNING: All
