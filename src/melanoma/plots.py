@@ -1,4 +1,5 @@
-"""Figures for reports: confusion matrix, ROC curves, reliability diagram.
+"""Figures for reports and explanations: confusion matrix, ROC curves, reliability diagram,
+class examples, superpixel weights (LIME) and heat maps (Grad-CAM).
 
 Each function draws one figure with matplotlib's non-interactive Agg backend, saves it
 atomically as PNG and returns the path.
@@ -7,6 +8,7 @@ atomically as PNG and returns the path.
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -113,4 +115,56 @@ def class_examples_figure(images: np.ndarray, labels: np.ndarray, classes: list[
             ax.set_yticks([])
             ax.spines[:].set_visible(False)
         axes[row, 0].set_ylabel(f"{name}\n({len(members)})", rotation=0, ha="right", va="center")
+    return figure
+
+
+def _panels(image: np.ndarray, count: int, title: str) -> tuple[Figure, np.ndarray]:
+    """A row of ``count + 1`` image panels, the first one the input."""
+    figure = _new_figure((3.6 * (count + 1), 3.9))
+    figure.suptitle(title)
+    axes = np.atleast_1d(figure.subplots(1, count + 1))
+    axes[0].imshow(image)
+    axes[0].set_title("input")
+    for ax in axes:
+        ax.set_axis_off()
+    return figure, axes
+
+
+def superpixel_weights_figure(image: np.ndarray, segments: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], *,
+                              title: str, label: str) -> Figure:
+    """The image, then per panel its superpixels (``segments`` labels) coloured by their
+    weight: green towards, red against, on one symmetric scale shared by the panels."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from skimage.segmentation import find_boundaries
+
+    figure, axes = _panels(image, len(panels), title)
+    limit = max(float(np.abs(weights).max()) for _, weights in panels) or 1.0
+    norm, cmap = Normalize(-limit, limit), colormaps["RdYlGn"]
+    edges = find_boundaries(segments, mode="inner")
+    for ax, (panel_title, weights) in zip(axes[1:], panels):
+        pixel_weights = weights[segments]
+        overlay = cmap(norm(pixel_weights))
+        overlay[..., 3] = 0.75 * np.abs(pixel_weights) / limit  # the stronger, the more opaque
+        ax.imshow(image)
+        ax.imshow(overlay)
+        ax.contour(edges, levels=[0.5], colors="white", linewidths=0.3, alpha=0.6)
+        ax.set_title(panel_title, fontsize=10)
+    figure.colorbar(ScalarMappable(norm, cmap), ax=axes[1:], shrink=0.8, format="{x:.2g}", label=label)
+    return figure
+
+
+def heatmaps_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], *, title: str,
+                    label: str) -> Figure:
+    """The image, then per panel a heat map in [0, 1] over it."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    figure, axes = _panels(image, len(panels), title)
+    for ax, (panel_title, heatmap) in zip(axes[1:], panels):
+        ax.imshow(image)
+        ax.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(panel_title, fontsize=10)
+    figure.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes[1:], shrink=0.8, label=label)
     return figure

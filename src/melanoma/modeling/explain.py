@@ -16,7 +16,7 @@ How far these explanations can be trusted is measured in :mod:`melanoma.modeling
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from melanoma.errors import MelanomaError, ModelError
 from melanoma.files import ensure_folder, write_json
 from melanoma.modeling.ensemble import MeanGradCam, ensemble_members
 from melanoma.modeling.predict import Predictor
-from melanoma.plots import save_figure
+from melanoma import plots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -116,6 +116,15 @@ class LimeExplanation:
     num_samples: int
     seed: int
     segmentation: SegmentationParams
+
+    def figure(self, title: str | None = None) -> Figure:
+        """The image, then each top class's superpixels for (green) and against (red)."""
+        panels = [(f"{c.class_name}  p = {c.probability:.2f}\nlocal R² = {c.score:.2f}", c.weights)
+                  for c in self.contributions]
+        return plots.superpixel_weights_figure(
+            self.image, self.segments, panels,
+            title=title or f"LIME, {self.num_samples} samples, seed {self.seed}",
+            label="LIME weight (+ towards, − against)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -317,6 +326,13 @@ class GradCamExplanation:
     heatmaps: np.ndarray       # (k, S, S) in [0, 1]
     layer_name: str
 
+    def figure(self, title: str | None = None) -> Figure:
+        """The image, then a heat-map overlay for each top class."""
+        panels = [(f"{self.classes[index]}  p = {self.probabilities[index]:.2f}", heatmap)
+                  for index, heatmap in zip(self.class_indices, self.heatmaps)]
+        return plots.heatmaps_figure(self.image, panels, title=title or f"Grad-CAM on layer {self.layer_name}",
+                                     label="Grad-CAM relevance (normalised)")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "gradcam",
@@ -337,71 +353,6 @@ def explain_gradcam(predictor: Predictor, gradcam: GradCam | MeanGradCam, image:
     top = [int(i) for i in np.argsort(probabilities)[::-1][:top_k]]
     heatmaps = gradcam(np.repeat(image[None], len(top), axis=0), top)
     return GradCamExplanation(image, predictor.classes, probabilities, top, heatmaps, gradcam.layer_name)
-
-
-# --------------------------------------------------------------------------- figures
-def _diverging_overlay(weights_map: np.ndarray, limit: float) -> tuple[np.ndarray, Any, Any]:
-    """RGBA overlay: green towards, red against, opacity growing with the |weight|."""
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
-
-    norm = Normalize(-limit, limit)
-    cmap = colormaps["RdYlGn"]
-    rgba = cmap(norm(weights_map))
-    rgba[..., 3] = 0.75 * np.abs(weights_map) / limit
-    return rgba, norm, cmap
-
-
-def lime_figure(explanation: LimeExplanation, title: str | None = None) -> Figure:
-    """The image, then for each top class its superpixels pushing towards (green) and
-    against (red) that class, on a shared symmetric colour scale."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.figure import Figure
-    from skimage.segmentation import find_boundaries
-
-    contributions = explanation.contributions
-    fig = Figure(figsize=(3.6 * (len(contributions) + 1), 3.9), layout="constrained")
-    axes = fig.subplots(1, len(contributions) + 1)
-    axes[0].imshow(explanation.image)
-    axes[0].set_title("input")
-    limit = max(float(np.abs(c.weights).max()) for c in contributions) or 1.0
-    edges = find_boundaries(explanation.segments, mode="inner")
-    for ax, contribution in zip(axes[1:], contributions):
-        overlay, norm, cmap = _diverging_overlay(contribution.weights[explanation.segments], limit)
-        ax.imshow(explanation.image)
-        ax.imshow(overlay)
-        ax.contour(edges, levels=[0.5], colors="white", linewidths=0.3, alpha=0.6)
-        ax.set_title(f"{contribution.class_name}  p = {contribution.probability:.2f}\n"
-                     f"local R² = {contribution.score:.2f}", fontsize=10)
-    for ax in axes:
-        ax.set_axis_off()
-    fig.colorbar(ScalarMappable(norm, cmap), ax=axes[1:], shrink=0.8, format="{x:.2g}",
-                 label="LIME weight (+ towards, − against)")
-    fig.suptitle(title or f"LIME, {explanation.num_samples} samples, seed {explanation.seed}")
-    return fig
-
-
-def gradcam_figure(explanation: GradCamExplanation, title: str | None = None) -> Figure:
-    """The image, then a Grad-CAM heat-map overlay for each top class."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    k = len(explanation.class_indices)
-    fig = Figure(figsize=(3.6 * (k + 1), 3.9), layout="constrained")
-    axes = fig.subplots(1, k + 1)
-    axes[0].imshow(explanation.image)
-    axes[0].set_title("input")
-    for ax, index, heatmap in zip(axes[1:], explanation.class_indices, explanation.heatmaps):
-        ax.imshow(explanation.image)
-        ax.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        ax.set_title(f"{explanation.classes[index]}  p = {explanation.probabilities[index]:.2f}", fontsize=10)
-    for ax in axes:
-        ax.set_axis_off()
-    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes[1:], shrink=0.8,
-                 label="Grad-CAM relevance (normalised)")
-    fig.suptitle(title or f"Grad-CAM on layer {explanation.layer_name}")
-    return fig
 
 
 # --------------------------------------------------------------------------- explain one file
@@ -444,17 +395,17 @@ def explain_file(
         "prediction": {"class": predictor.classes[best], "probability": float(probabilities[best])},
     }
     written: dict[str, Path] = {}
-    explanations: list[tuple[str, Any, Callable[..., Figure]]] = []
+    explanations: list[tuple[str, LimeExplanation | GradCamExplanation]] = []
     if "lime" in methods:
         lime = explain_lime(predictor, image, num_samples=num_samples, seed=seed, top_k=top_k,
                             segmentation=segmentation)
-        explanations.append(("lime", lime, lime_figure))
+        explanations.append(("lime", lime))
     if "gradcam" in methods:
         cam = explain_gradcam(predictor, gradcam_for(predictor, layer_name), image, top_k=top_k)
-        explanations.append(("gradcam", cam, gradcam_figure))
-    for method, explanation, figure in explanations:
+        explanations.append(("gradcam", cam))
+    for method, explanation in explanations:
         report[method] = explanation.to_dict()
-        written[method] = save_figure(figure(explanation), out_dir / f"{name}_{method}.png")
+        written[method] = plots.save_figure(explanation.figure(), out_dir / f"{name}_{method}.png")
     written["json"] = out_dir / f"{name}_explanation.json"
     write_json(written["json"], report)
     return written

@@ -401,7 +401,7 @@ class ModelService:
         start = time.perf_counter()
         if method == "gradcam":
             result: Any = explain.explain_gradcam(predictor, explain.gradcam_for(predictor), image, top_k=top_k)
-            figure = explain.gradcam_figure(result)
+            figure = result.figure()
             explained = [predictor.classes[i] for i in result.class_indices]
         else:
             if not self._lime_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -413,7 +413,7 @@ class ModelService:
                 )
             finally:
                 self._lime_lock.release()
-            figure = explain.lime_figure(result)
+            figure = result.figure()
             explained = [c.class_name for c in result.contributions]
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=100)
