@@ -53,8 +53,8 @@ def median_seconds(work: Callable[[], object], repeats: int, warmup: int = 2) ->
 def untrained_run(folder: Path, image_size: int) -> Path:
     """A run folder holding an untrained small CNN (timings do not depend on the weights)."""
     from melanoma.data.preprocess import PreprocessParams
-    from melanoma.modeling.models import build_model
     from melanoma.files import write_json
+    from melanoma.modeling.models import build_model
 
     build_model("cnn", num_classes=len(HAM_CLASSES), image_size=image_size).save(folder / "model.keras")
     write_json(folder / "run.json", {

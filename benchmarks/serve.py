@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import Counter
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx

@@ -48,7 +48,11 @@ def images_per_second(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, 
     ``shard``: this process's part of each batch, in a data-parallel job.
     """
     from melanoma.modeling.feed import ArchiveFeed
-    from melanoma.modeling.train import compile_for_training, set_backbone_trainable, training_model
+    from melanoma.modeling.train import (
+        compile_for_training,
+        set_backbone_trainable,
+        training_model,
+    )
 
     classifier = random_model(model_name, int(labels.max()) + 1, images.shape[1])
     if backbone_trainable is not None:

@@ -22,8 +22,7 @@ from skimage import data
 from skimage.transform import resize
 
 from melanoma.modeling.efficientnet_lite import INPUT_OFFSET, INPUT_SCALE
-from melanoma.modeling.pretrained import build_efficientnet_lite
-from melanoma.modeling.pretrained import torch_checkpoint
+from melanoma.modeling.pretrained import build_efficientnet_lite, torch_checkpoint
 
 
 def keras_logits(variant: str, weights_dir: Path, images: np.ndarray) -> np.ndarray:

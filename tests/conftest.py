@@ -130,9 +130,9 @@ def trained_run_seed1(small_ham_archive: Path, tmp_path_factory: pytest.TempPath
 
 
 def _train_and_evaluate(archive_path: Path, run_dir: Path, *, seed: int) -> Path:
+    from melanoma.config import Settings
     from melanoma.data.archive import open_archive
     from melanoma.modeling.evaluate import evaluate_run
-    from melanoma.config import Settings
     from melanoma.modeling.train import train
     from melanoma.modeling.train_config import TrainConfig
 

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from melanoma import config
 from melanoma import cli as cli_module
+from melanoma import config
 from melanoma.data.download import DATASETS
 from melanoma.data.preprocess import RESIZE_MODES
 from melanoma.data.splits import SPLITS

@@ -14,7 +14,12 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from melanoma.data.preprocess import PreprocessParams
 from melanoma.errors import MelanomaError, ModelError
-from melanoma.modeling.compare import EvaluatedRun, compare_runs, run_scores, write_comparison
+from melanoma.modeling.compare import (
+    EvaluatedRun,
+    compare_runs,
+    run_scores,
+    write_comparison,
+)
 from melanoma.modeling.runs import RunInfo
 
 # A resample can leave out every image of a class that is still predicted: scikit-learn says so.

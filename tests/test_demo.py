@@ -15,7 +15,9 @@ from melanoma.data.synthetic import make_synthetic_dataset
 
 
 def test_demo_replaces_only_an_archive_it_made(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from melanoma.cli import serving as demo_module  # the module whose demo calls the later steps
+    from melanoma.cli import (
+        serving as demo_module,  # the module whose demo calls the later steps
+    )
 
     later_steps = []
     monkeypatch.setattr(demo_module, "train_command", lambda ctx, **kwargs: later_steps.append("train"))

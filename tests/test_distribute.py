@@ -192,8 +192,8 @@ def two_process_run(small_ham_archive: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.mark.slow
 def test_two_processes_train_one_run_that_tensorflow_loads(two_process_run: tuple[Path, list[str]],
                                                            small_ham_archive: Path) -> None:
-    from melanoma.modeling.metrics import melanoma_index, validation_scores
     from melanoma.modeling.export import export_model
+    from melanoma.modeling.metrics import melanoma_index, validation_scores
     from melanoma.modeling.predict import Predictor
 
     run_dir, logs = two_process_run

@@ -15,7 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from melanoma.cli import app
-from melanoma.data.download import ISIC2019, RemoteFile, download_dataset, download_files
+from melanoma.data.download import (
+    ISIC2019,
+    RemoteFile,
+    download_dataset,
+    download_files,
+)
 from melanoma.data.sources import read_dataset
 from melanoma.errors import MelanomaError
 

@@ -17,7 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from isic_challenge_scoring import metrics as isic_metrics
-from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+from isic_challenge_scoring.classification import (
+    ClassificationMetric,
+    ClassificationScore,
+)
 from isic_challenge_scoring.load_csv import parse_truth_csv, sort_rows, validate_rows
 
 from melanoma.modeling.isic import isic_columns

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from crafted_images import encode, png_declaring
 from PIL import Image, ImageOps
 
 from melanoma.config import Settings
@@ -26,8 +27,6 @@ from melanoma.data.preprocess import (
     shades_of_gray,
 )
 from melanoma.errors import ImageError, MelanomaError
-
-from crafted_images import encode, png_declaring
 
 PLAIN = dict(crop_vignette=False, color_constancy=False, hair_removal=False)
 

@@ -15,7 +15,11 @@ import pytest
 from melanoma.data.outliers import corrupted, synthetic_images
 from melanoma.data.quality import QualityLimits, quality_warnings
 from melanoma.errors import ModelError
-from melanoma.modeling.calibration import fit_temperature, negative_log_likelihood, temperature_scale
+from melanoma.modeling.calibration import (
+    fit_temperature,
+    negative_log_likelihood,
+    temperature_scale,
+)
 from melanoma.modeling.ood import NeighbourGate
 from melanoma.modeling.runs import OOD_FILE
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from crafted_images import png_declaring
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from crafted_images import png_declaring
 
 from melanoma.config import Settings
 from melanoma.errors import ModelError

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from crafted_images import png_declaring
+from fastapi.testclient import TestClient
 
 from melanoma.config import Settings
 from melanoma.modeling.predict import Predictor

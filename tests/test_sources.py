@@ -10,7 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from melanoma.data.sources import SYNTHETIC_MARKER, combine_datasets, detect_source, read_dataset
+from melanoma.data.sources import (
+    SYNTHETIC_MARKER,
+    combine_datasets,
+    detect_source,
+    read_dataset,
+)
 from melanoma.data.splits import grouped_split, split_by_condition
 from melanoma.errors import DataError
 

@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
+from melanoma.config import Settings
 from melanoma.data.archive import open_archive
 from melanoma.errors import ModelError
+from melanoma.modeling.augment import RandomVignette
 from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.feed import ArchiveFeed, predict_rows
 from melanoma.modeling.models import small_cnn
-from melanoma.modeling.augment import RandomVignette
-from melanoma.config import Settings
 from melanoma.modeling.train import class_weights, train, training_model
 from melanoma.modeling.train_config import TrainConfig
 

@@ -148,7 +148,11 @@ def explain(
     max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Explain one prediction with LIME and/or Grad-CAM: figures (PNG) and numbers (JSON)."""
-    from melanoma.modeling.explain import SegmentationParams, explain_file, parse_methods
+    from melanoma.modeling.explain import (
+        SegmentationParams,
+        explain_file,
+        parse_methods,
+    )
     from melanoma.modeling.predict import Predictor
 
     settings = settings_for(ctx, max_pixels=max_pixels, lime_max_samples=samples, seed=seed, explain_top_k=top_k,
@@ -182,8 +186,12 @@ def explain_eval(
     """How far explanations can be trusted: deletion/insertion AUC and stability across seeds."""
     from melanoma.data.archive import HEADER_FILE, open_archive
     from melanoma.modeling.explain import SegmentationParams
-    from melanoma.modeling.trust import evaluate_explanations, sample_images, write_trust_report
     from melanoma.modeling.predict import Predictor
+    from melanoma.modeling.trust import (
+        evaluate_explanations,
+        sample_images,
+        write_trust_report,
+    )
 
     settings = settings_for(ctx, lime_max_samples=samples, seed=seed, explain_eval_images=n,
                             lime_segmentation=segmentation, lime_superpixels=superpixels)

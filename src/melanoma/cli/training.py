@@ -298,7 +298,9 @@ def runs_command(
 
     Status: complete, interrupted (resume it), running, failed (its process is gone) or unreadable.
     """
-    from melanoma.modeling.cards import fmt as number  # `fmt` is the --format option here
+    from melanoma.modeling.cards import (
+        fmt as number,  # `fmt` is the --format option here
+    )
     from melanoma.modeling.runs import run_rows, run_rows_text
 
     settings = settings_for(ctx, runs_dir=runs_dir)

@@ -17,8 +17,14 @@ from typing import Any
 
 from melanoma.data.card import licence, prepare_command, preprocessing_text
 from melanoma.files import write_text
-from melanoma.modeling.runs import (METRICS_FILE, MODEL_CARD_FILE, VERSIONS_FILE, read_run_meta, recorded_archive,
-                                    recorded_training)
+from melanoma.modeling.runs import (
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    VERSIONS_FILE,
+    read_run_meta,
+    recorded_archive,
+    recorded_training,
+)
 from melanoma.modeling.train_config import TrainConfig
 
 DISCLAIMER = ("**Research use only.** This model is a research artefact for studying dermoscopic image "

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma.errors import DataError, MelanomaError, ModelError
+from melanoma.files import write_json
 from melanoma.modeling.isic import isic_columns
 from melanoma.modeling.metrics import (
     CI_LEVEL,
@@ -35,7 +36,6 @@ from melanoma.modeling.metrics import (
     one_vs_rest_auc,
     percentile_interval,
 )
-from melanoma.files import write_json
 from melanoma.modeling.runs import RunInfo, predictions_file, read_run
 from melanoma.modeling.train_config import ADDED_LATER
 

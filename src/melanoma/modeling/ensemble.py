@@ -28,9 +28,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from melanoma.errors import ModelError
-from melanoma.modeling.predict import load_keras_model
 from melanoma.files import sha256_file, utc_now, write_json
-from melanoma.modeling.runs import COMPLETE, MODEL_FILE, RUN_FILE, SPLIT_FILE, RunInfo, read_run
+from melanoma.modeling.predict import load_keras_model
+from melanoma.modeling.runs import (
+    COMPLETE,
+    MODEL_FILE,
+    RUN_FILE,
+    SPLIT_FILE,
+    RunInfo,
+    read_run,
+)
 
 if TYPE_CHECKING:
     import keras

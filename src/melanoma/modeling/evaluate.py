@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
 from melanoma.config import NEVUS_LABELS
 from melanoma.errors import ModelError
 from melanoma.files import utc_now, write_json, write_text
@@ -51,8 +52,15 @@ from melanoma.modeling.metrics import (
     percentile_interval,
     reliability_bins,
 )
-from melanoma.modeling.runs import (FIGURES_DIR, METRICS_FILE, REPORT_FILE, RunInfo, ground_truth_file, predictions_file,
-                                    read_run)
+from melanoma.modeling.runs import (
+    FIGURES_DIR,
+    METRICS_FILE,
+    REPORT_FILE,
+    RunInfo,
+    ground_truth_file,
+    predictions_file,
+    read_run,
+)
 
 if TYPE_CHECKING:
     from melanoma.data.archive import Archive
@@ -157,7 +165,9 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     ``tta`` averages every prediction, validation ones included, over 8 flips/rotations.
     ``calibration`` applies the run's temperature (where fitted) to every probability."""
     from melanoma import plots
-    from melanoma.modeling.predict import load_keras_model  # clear ModelError for a damaged file
+    from melanoma.modeling.predict import (
+        load_keras_model,  # clear ModelError for a damaged file
+    )
 
     run = read_run(run_dir)
     check_archive(run.meta, archive)

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from melanoma import plots
 from melanoma.errors import MelanomaError, ModelError
 from melanoma.files import ensure_folder, write_json
 from melanoma.modeling.ensemble import MeanGradCam, ensemble_members
 from melanoma.modeling.predict import Predictor
-from melanoma import plots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

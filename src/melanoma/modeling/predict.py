@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 
 from melanoma.data.preprocess import PreprocessParams, load_image
-from melanoma.data.quality import QualityLimits, QualityWarning, quality_warnings, source_size
+from melanoma.data.quality import (
+    QualityLimits,
+    QualityWarning,
+    quality_warnings,
+    source_size,
+)
 from melanoma.errors import ImageError, MelanomaError, ModelError
 from melanoma.modeling.calibration import temperature_scale
 from melanoma.modeling.ood import NeighbourGate

@@ -17,12 +17,16 @@ import numpy as np
 
 from melanoma.data.archive import read_rows
 from melanoma.errors import ModelError
-from melanoma.modeling.calibration import fit_temperature, negative_log_likelihood, temperature_scale
+from melanoma.files import utc_now, write_json
+from melanoma.modeling.calibration import (
+    fit_temperature,
+    negative_log_likelihood,
+    temperature_scale,
+)
 from melanoma.modeling.feed import check_archive
 from melanoma.modeling.metrics import expected_calibration_error
 from melanoma.modeling.ood import METHOD, NeighbourGate
 from melanoma.modeling.predict import HEAD_LAYER, Predictor
-from melanoma.files import utc_now, write_json
 from melanoma.modeling.runs import OOD_FILE, RUN_FILE, read_run_meta
 
 if TYPE_CHECKING:

@@ -18,7 +18,12 @@ import numpy as np
 from melanoma.data.archive import read_rows
 from melanoma.errors import MelanomaError
 from melanoma.files import write_json, write_text
-from melanoma.modeling.explain import SegmentationParams, explain_lime, gradcam_for, superpixel_means
+from melanoma.modeling.explain import (
+    SegmentationParams,
+    explain_lime,
+    gradcam_for,
+    superpixel_means,
+)
 from melanoma.modeling.predict import Predictor
 
 TRUST_METHODS = ("lime", "gradcam", "random")

@@ -32,7 +32,13 @@ from melanoma.errors import MelanomaError
 from melanoma.modeling.explain import SegmentationParams
 from melanoma.modeling.runs import find_examples, read_run
 from melanoma.quiet import quiet_tensorflow
-from melanoma.serving.api import MAX_FILES_PER_REQUEST, UI_PATH, install_error_handlers, prometheus_metrics, router
+from melanoma.serving.api import (
+    MAX_FILES_PER_REQUEST,
+    UI_PATH,
+    install_error_handlers,
+    prometheus_metrics,
+    router,
+)
 from melanoma.serving.limits import BodyLimits, H11WithHeaderTimeout
 from melanoma.serving.logs import logging_config
 from melanoma.serving.metrics import MULTIPROCESS_ENV, ObserveRequests, ServiceMetrics

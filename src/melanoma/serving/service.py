@@ -32,7 +32,13 @@ from melanoma.config import CLASS_NAMES, MELANOMA_LABELS, Settings
 from melanoma.data.preprocess import load_image
 from melanoma.data.quality import QualityLimits, quality_warnings, source_size
 from melanoma.errors import ImageError, ModelError
-from melanoma.serving.limits import Gate, Upload, UploadRejected, check_upload, check_uploads
+from melanoma.serving.limits import (
+    Gate,
+    Upload,
+    UploadRejected,
+    check_upload,
+    check_uploads,
+)
 from melanoma.serving.metrics import MODEL_INFO_LABELS, ServiceMetrics
 
 if TYPE_CHECKING:

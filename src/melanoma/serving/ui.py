@@ -27,7 +27,12 @@ from melanoma.errors import MelanomaError
 from melanoma.serving.limits import Busy, Upload, UploadRejected, sniff_media_type
 from melanoma.serving.metrics import REQUEST_ID, log_request
 from melanoma.serving.responses import error_response
-from melanoma.serving.service import ImagePrediction, ModelCard, ModelService, class_name
+from melanoma.serving.service import (
+    ImagePrediction,
+    ModelCard,
+    ModelService,
+    class_name,
+)
 
 if TYPE_CHECKING:
     import gradio as gr
