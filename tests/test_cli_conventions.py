@@ -70,7 +70,8 @@ def test_shell_completion_completes_commands_and_choices() -> None:
         return result.output.split()
 
     assert complete("melanoma tr") == ["train"]
-    assert complete("melanoma train --model efficientnet") == ["efficientnetb0", "efficientnet-lite0"]
+    assert complete("melanoma train --model efficientnet") == ["efficientnetb0", "efficientnet-lite0", "efficientnet-lite1",
+                                                               "efficientnet-lite2"]
 
 
 def _write_run(runs: Path, name: str, **meta) -> Path:

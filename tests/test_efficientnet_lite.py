@@ -203,9 +203,9 @@ def test_a_missing_tensor_is_an_error_that_names_the_layer(lite0_state, untraine
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("variant", "parameters"),
-    # The parameter count of the PyTorch checkpoint efficientnet-lite2-*.pth (Lite0 is checked
-    # by its conversion); Lite2 scales both width and depth (Lite1: 5,470,344, depth only).
-    [("efficientnet-lite2", 6_150_168)],
+    # The parameter counts of the PyTorch checkpoints efficientnet-lite{1,2}-*.pth (Lite0 is
+    # checked by its conversion); Lite1 scales depth only, Lite2 both width and depth.
+    [("efficientnet-lite1", 5_470_344), ("efficientnet-lite2", 6_150_168)],
 )
 def test_variants_have_the_published_architecture(variant, parameters):
     model = efficientnet_lite(variant, input_shape=(64, 64, 3))
@@ -282,6 +282,16 @@ def test_converted_model_recognises_a_cat_and_an_espresso(imagenet_lite0):
     other = imagenet_lite0(as_if_imagenet).numpy()
     for ours, theirs, classes in zip(probabilities, other, (CAT_CLASSES, COFFEE_CLASSES)):
         assert ours[list(classes)].sum() > theirs[list(classes)].sum()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("variant", "size"), [("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
+def test_larger_variants_convert_from_their_packages_and_see_a_cat_and_an_espresso(variant, size, tmp_path):
+    model = build_efficientnet_lite(variant, input_shape=(size, size, 3), include_top=True, weights="imagenet",
+                                    weights_dir=tmp_path)
+    probabilities = model(photographs(size)).numpy()
+    cat_top5, coffee_top5 = (set(np.argsort(-p)[:5].tolist()) for p in probabilities)
+    assert cat_top5 & CAT_CLASSES and coffee_top5 & COFFEE_CLASSES, (cat_top5, coffee_top5)
 
 
 @pytest.mark.slow

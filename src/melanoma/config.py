@@ -31,7 +31,8 @@ NEVUS_LABELS = ("NV", "nv", "nevus")
 SourceChoice = Literal["auto", "isic2019", "ham10000", "isic2020", "folder"]
 Isic2020Target = Literal["target", "diagnosis"]
 DownloadChoice = Literal["isic2019"]
-ModelChoice = Literal["cnn", "mobilenetv3small", "efficientnetb0", "efficientnet-lite0"]
+ModelChoice = Literal["cnn", "mobilenetv3small", "efficientnetb0", "efficientnet-lite0", "efficientnet-lite1",
+                      "efficientnet-lite2"]
 ClassBalanceChoice = Literal["weights", "sampling", "class-source", "none"]
 SplitChoice = Literal["train", "val", "test"]
 SegmentationChoice = Literal["slic", "quickshift"]

