@@ -38,10 +38,8 @@ the weights it had reached).
 from __future__ import annotations
 
 import csv
-import math
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
@@ -51,26 +49,51 @@ from typing import Any
 import keras
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from melanoma.config import DEFAULT_OOD_FLAG_FRACTION
 from melanoma.data.archive import Archive
 from melanoma.errors import ModelError
-from melanoma.files import commit, utc_now, write_json, write_text
+from melanoma.files import utc_now, write_json, write_text
 from melanoma.modeling.augment import augmentation
+from melanoma.modeling.callbacks import (
+    ConstantRate,
+    CosineSchedule,
+    EpochReport,
+    RunCheckpoint,
+    RunClock,
+    TimeLimit,
+    ValidationMetrics,
+    save_model,
+)
 from melanoma.modeling.cards import write_model_card
-from melanoma.modeling.distribute import Parallel, ReplicatedPredict, engine_info, use_xla
+from melanoma.modeling.distribute import (
+    Parallel,
+    ReplicatedPredict,
+    engine_info,
+    use_xla,
+)
 from melanoma.modeling.feed import ArchiveFeed
-from melanoma.modeling.metrics import melanoma_index, normalised, validation_scores
+from melanoma.modeling.metrics import melanoma_index
 from melanoma.modeling.models import BACKBONE_LAYER, build_model, freeze_batchnorm
-from melanoma.modeling.runs import (COMPLETE, CONFIG_FILE, HISTORY_FILE, INTERRUPTED, LAST_FILE, MODEL_FILE, RUN_FILE,
-                                    RUNNING, SPLIT_FILE, TENSORBOARD_DIR, VERSIONS_FILE, read_run_meta,
-                                    recorded_training, training_process)
+from melanoma.modeling.runs import (
+    COMPLETE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    INTERRUPTED,
+    LAST_FILE,
+    RUN_FILE,
+    RUNNING,
+    SPLIT_FILE,
+    TENSORBOARD_DIR,
+    VERSIONS_FILE,
+    read_run_meta,
+    recorded_training,
+    training_process,
+)
 from melanoma.modeling.train_config import TrainConfig
 from melanoma.provenance import git_state
 
 FINE_TUNE_LR_FACTOR = 0.1
-MIN_LR_FRACTION = 0.02  # the cosine schedule ends at 2% of the starting rate, not zero
 VERSIONED_PACKAGES = ("numpy", "keras", "tensorflow-cpu", "tensorflow", "scikit-learn", "pandas", "opencv-python-headless")
 
 
@@ -94,159 +117,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     weights = np.zeros(num_classes)
     weights[present] = len(labels) / (present.sum() * counts[present])
     return {index: float(weight) for index, weight in enumerate(weights)}
-
-
-# --------------------------------------------------------------------------- callbacks
-
-
-class ValidationMetrics(keras.callbacks.Callback):
-    """Adds ``val_loss``, ``val_accuracy``, ``val_bma`` and ``val_mel_auc`` to the epoch logs.
-
-    ``predict()`` gives the real model's (no augmentation) probabilities of the validation
-    rows, once per epoch; later callbacks (checkpoints, early stopping, CSV history) read
-    these values from the logs.
-    """
-
-    def __init__(self, predict: Callable[[], np.ndarray], labels: np.ndarray, mel_index: int | None):
-        super().__init__()
-        self.predict, self.labels, self.mel_index = predict, labels, mel_index
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        probabilities = normalised(self.predict())
-        scores = validation_scores(self.labels, probabilities, self.mel_index)
-        logs.update({f"val_{name}": value for name, value in scores.items()})
-
-
-class CosineSchedule(keras.callbacks.Callback):
-    """Cosine decay of the learning rate over the run's epochs or its time limit,
-    whichever ends first (so that a time-limited run still ends at a small rate)."""
-
-    def __init__(self, base_lr: float, first_epoch: int, epochs: int, clock: RunClock):
-        super().__init__()
-        self.base_lr, self.first_epoch, self.epochs, self.clock = base_lr, first_epoch, epochs, clock
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        progress = (epoch - self.first_epoch) / max(1, self.epochs - self.first_epoch)
-        progress = min(1.0, max(progress, self.clock.fraction_used()))
-        factor = MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
-        self.model.optimizer.learning_rate = self.base_lr * factor
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-
-@dataclass
-class RunClock:
-    """Training time of the run across resumes, against an optional limit."""
-
-    seconds_before: float
-    limit_seconds: float | None
-    started: float = 0.0
-
-    def start(self) -> None:
-        self.started = time.monotonic()
-
-    def seconds(self) -> float:
-        return self.seconds_before + time.monotonic() - self.started
-
-    def fraction_used(self) -> float:
-        return self.seconds() / self.limit_seconds if self.limit_seconds else 0.0
-
-    def expired(self) -> bool:
-        return self.limit_seconds is not None and self.seconds() >= self.limit_seconds
-
-
-class TimeLimit(keras.callbacks.Callback):
-    """Stops training once the run's time limit is spent (checked after every batch;
-    the epoch in progress is then validated and checkpointed as usual)."""
-
-    def __init__(self, clock: RunClock):
-        super().__init__()
-        self.clock = clock
-        self.stopped = False
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self.clock.expired():
-            self.model.stop_training = True
-            self.stopped = True
-
-
-class EpochReport(keras.callbacks.Callback):
-    """A rich progress bar per epoch, then one summary line; adds ``img_per_s`` to the logs."""
-
-    def __init__(self, console: Console, total_epochs: int, batch_size: int, show: bool):
-        super().__init__()
-        self.console, self.total_epochs, self.batch_size, self.show = console, total_epochs, batch_size, show
-        self.progress: Progress | None = None
-        self.task = None
-        self.images = 0
-        self.started = self.first_batch_done = 0.0
-        self.train_seconds = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.images, self.train_seconds, self.started = 0, 0.0, time.perf_counter()
-        if self.show:
-            self.progress = Progress(TextColumn(f"epoch {epoch + 1}/{self.total_epochs}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                                     console=self.console, transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=self.params.get("steps"), loss="…")
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        # Throughput from the end of the first batch: the first one includes graph tracing.
-        if batch == 0:
-            self.first_batch_done = time.perf_counter()
-        else:
-            self.images += self.batch_size
-            self.train_seconds = time.perf_counter() - self.first_batch_done
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=f"{logs.get('loss', float('nan')):.3f}")
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-        logs["img_per_s"] = self.images / self.train_seconds if self.train_seconds else 0.0
-        if self.show:
-            self.console.print(
-                f"epoch {epoch + 1}/{self.total_epochs}  loss {logs['loss']:.4f}  val loss {logs['val_loss']:.4f}  "
-                f"val BMA {logs['val_bma']:.4f}  val melanoma AUC {logs['val_mel_auc']:.4f}  "
-                f"lr {logs.get('lr', float('nan')):.2g}  {logs['img_per_s']:.0f} img/s  "
-                f"({time.perf_counter() - self.started:.0f} s)", highlight=False)
-
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self.progress is not None:  # stopped mid-epoch (Ctrl-C)
-            self.progress.stop()
-
-
-class RunCheckpoint(keras.callbacks.Callback):
-    """Saves ``model.keras`` when validation BMA improves, ``last.keras`` (with the
-    optimizer, for ``--resume``) every epoch, and the run's state in ``run.json``.
-
-    Keras' ModelCheckpoint writes in place; a crash during its save would leave a corrupt
-    checkpoint, so this one writes a temporary file and renames it.
-    """
-
-    def __init__(self, run_dir: Path, classifier: keras.Model, meta: dict[str, Any], clock: RunClock):
-        super().__init__()
-        self.run_dir, self.classifier, self.meta, self.clock = run_dir, classifier, meta, clock
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        best = self.meta.get("best") or {}
-        value = logs["val_bma"]
-        if not best or (not math.isnan(value) and value > best["val_bma"]):
-            save_model(self.classifier, self.run_dir / MODEL_FILE)
-            self.meta["best"] = {"epoch": epoch + 1, "val_bma": value, "val_mel_auc": logs["val_mel_auc"]}
-        save_model(self.model, self.run_dir / LAST_FILE)
-        self.meta.update(epochs_done=epoch + 1, train_seconds=round(self.clock.seconds(), 1))
-        write_json(self.run_dir / RUN_FILE, self.meta)
-
-
-def save_model(model: keras.Model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file, then rename (atomic and durable)."""
-    tmp = path.with_name(path.stem + ".partial.keras")
-    model.save(tmp)
-    commit(tmp, path)
 
 
 # --------------------------------------------------------------------------- train
@@ -305,7 +175,9 @@ def train(
         return _result(run_dir, run.meta, "interrupt", time.monotonic() - started)
     run.meta.update(status=COMPLETE, stopped_by=stopped_by, finished=utc_now())
     write_json(run_dir / RUN_FILE, run.meta)
-    from melanoma.modeling.reliability import fit_reliability  # it reads the finished model.keras
+    from melanoma.modeling.reliability import (
+        fit_reliability,  # it reads the finished model.keras
+    )
 
     if progress:
         console.print("Fitting the temperature and the out-of-distribution gate ...")
@@ -415,7 +287,7 @@ def run_phases(run: PreparedRun, archive: Archive, feed: ArchiveFeed, callbacks:
                 set_backbone_trainable(run.classifier, phase.backbone_trainable)
             compile_for_training(run.trainer, phase.learning_rate)
         head_only = phase.backbone_trainable is False
-        schedule = _ConstantRate(phase.learning_rate) if head_only else CosineSchedule(
+        schedule = ConstantRate(phase.learning_rate) if head_only else CosineSchedule(
             phase.learning_rate, phase.start, phase.end, clock)
         fitted = [schedule, *callbacks.every_phase] + ([] if head_only else [callbacks.early_stopping])
         run.trainer.fit(feed, initial_epoch=max(phase.start, run.first_epoch), epochs=phase.end, callbacks=fitted,
@@ -425,20 +297,6 @@ def run_phases(run: PreparedRun, archive: Archive, feed: ArchiveFeed, callbacks:
         if callbacks.early_stopping.stopped_epoch > 0:
             return "early_stopping"
     return "epochs"
-
-
-class _ConstantRate(keras.callbacks.Callback):
-    """The head-only phase of fine-tuning: a constant learning rate (logged like the schedule's)."""
-
-    def __init__(self, lr: float):
-        super().__init__()
-        self.lr = lr
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.model.optimizer.learning_rate = self.lr
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        logs["lr"] = self.lr
 
 
 @dataclass(frozen=True)
