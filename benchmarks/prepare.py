@@ -59,7 +59,7 @@ def ham_images(ham_dir: Path) -> pd.DataFrame:
 def _upscale(job: tuple[str, str]) -> None:
     source, target = job
     image = cv2.resize(cv2.imread(source), (INPUT_SIDE, INPUT_SIDE), interpolation=cv2.INTER_CUBIC)
-    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    _, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     tmp = Path(target + ".tmp")
     tmp.write_bytes(encoded.tobytes())
     os.replace(tmp, target)
@@ -193,7 +193,7 @@ def run_prepare(workdir: Path, files: list[Path], size: int) -> dict[str, float]
     root = subset(workdir, files)
     out_dir = workdir / "archives" / f"{len(files)}-{size}"
     command = [sys.executable, __file__, "--child", str(root), "--workdir", str(out_dir), "--sizes", str(size)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"The prepare run failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -203,12 +203,12 @@ def framing_rates(files: list[Path], size: int, repeat: int) -> dict[str, float]
     """Images per second of load_image with each framing (best of ``repeat`` interleaved passes)."""
     best = {"crop": 0.0, "lesion": 0.0}
     for _ in range(repeat):
-        for mode in best:
+        for mode, rate in best.items():
             params = PreprocessParams(size, resize_mode=mode)
             started = time.perf_counter()
             for path in files:
                 load_image(path, params)
-            best[mode] = max(best[mode], len(files) / (time.perf_counter() - started))
+            best[mode] = max(rate, len(files) / (time.perf_counter() - started))
     return best
 
 

@@ -33,7 +33,7 @@ def test_git_state_is_none_outside_a_checkout(tmp_path: Path) -> None:
 def test_git_state_of_this_checkout() -> None:
     if not (REPO / ".git").exists():
         pytest.skip("not run from a git checkout")
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     state = git_state()
     assert state is not None and state["commit"] == head and isinstance(state["dirty"], bool)
 

@@ -94,8 +94,8 @@ def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tup
         drawn = rng.integers(0, lesion_of_image.max() + 1, lesion_of_image.max() + 1)
         weight = np.bincount(drawn, minlength=lesion_of_image.max() + 1)[lesion_of_image]
         a, b = by_hand(labels, first, weight), by_hand(labels, second, weight)
-        for metric in differences:
-            differences[metric].append(b[metric] - a[metric])
+        for metric, values in differences.items():
+            values.append(b[metric] - a[metric])
     full = np.ones(len(labels))
     a, b = by_hand(labels, first, full), by_hand(labels, second, full)
     row = result["runs"][1]

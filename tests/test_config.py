@@ -55,14 +55,14 @@ def test_cli_config_show_and_clear_error(tmp_path: Path):
     config.write_text("image_size = 200\n")
     shown = subprocess.run(
         [sys.executable, "-m", "melanoma", "--config", str(config), "config", "show"],
-        capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""},
+        capture_output=True, text=True, check=False, env={"COLUMNS": "200", "PATH": ""},
     )
     assert shown.returncode == 0, shown.stderr
     assert "200" in shown.stdout and "MELANOMA_IMAGE_SIZE" in shown.stdout
     config.write_text("image_size = 'big'\n")
     failed = subprocess.run(
         [sys.executable, "-m", "melanoma", "--config", str(config), "config", "show"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     assert failed.returncode == 2
     assert "image_size" in failed.stderr and "Traceback" not in failed.stderr
@@ -83,12 +83,12 @@ def test_a_misspelt_environment_variable_is_named(monkeypatch: pytest.MonkeyPatc
         settings = load_settings()
     assert settings.image_size == 128 and settings.seed == 3
     assert [r.getMessage() for r in caplog.records] == [
-        "Warning: the environment variable MELANOMA_IMAGE_SIZ is not a setting and is ignored "
-        "(did you mean MELANOMA_IMAGE_SIZE?).",
+        ("Warning: the environment variable MELANOMA_IMAGE_SIZ is not a setting and is ignored "
+        "(did you mean MELANOMA_IMAGE_SIZE?)."),
         "Warning: the environment variable MELANOMA_XYZZY is not a setting and is ignored.",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOMA_")}
-    shown = subprocess.run([sys.executable, "-m", "melanoma", "config", "show"], capture_output=True, text=True,
+    shown = subprocess.run([sys.executable, "-m", "melanoma", "config", "show"], capture_output=True, text=True, check=False,
                            env={**env, "MELANOMA_IMAGE_SIZ": "96", "COLUMNS": "200"})
     assert shown.returncode == 0 and "MELANOMA_IMAGE_SIZ is not a setting" in shown.stderr
 

@@ -30,7 +30,7 @@ def prepare(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOMA_")}
     env["COLUMNS"] = "1000"  # no line wrapping inside the messages checked here
     return subprocess.run([sys.executable, "-m", "melanoma", "prepare", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, check=False, timeout=300)
 
 
 def sha256(path: Path) -> str:

@@ -28,7 +28,7 @@ from melanoma.data.preprocess import (
 )
 from melanoma.errors import ImageError, MelanomaError
 
-PLAIN = dict(crop_vignette=False, color_constancy=False, hair_removal=False)
+PLAIN = {"crop_vignette": False, "color_constancy": False, "hair_removal": False}
 
 
 def lesion_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -189,7 +189,7 @@ def test_the_api_returns_ood_and_warnings(predictor, ham_images_by_class: dict[s
     from melanoma.config import Settings
     from melanoma.serving.app import create_app
 
-    ok, blank = cv2.imencode(".png", synthetic_images("blank", 1, seed=0)[0])
+    _, blank = cv2.imencode(".png", synthetic_images("blank", 1, seed=0)[0])
     files = [("files", ("lesion.jpg", ham_images_by_class["bcc"].read_bytes(), "image/jpeg")),
              ("files", ("blank.png", blank.tobytes(), "image/png"))]
     with TestClient(create_app(Settings(), predictor=predictor), base_url="http://127.0.0.1") as client:

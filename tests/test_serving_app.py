@@ -174,9 +174,8 @@ def test_a_model_that_cannot_be_loaded_stops_start_up(trained_run: Path, tmp_pat
     broken.mkdir()
     shutil.copy(trained_run / "run.json", broken)
     (broken / "model.keras").write_bytes(b"not a Keras file")
-    with pytest.raises(ModelError, match="model.keras cannot be loaded"):
-        with TestClient(create_app(Settings(), run_dir=broken)):
-            pass
+    with pytest.raises(ModelError, match="model.keras cannot be loaded"), TestClient(create_app(Settings(), run_dir=broken)):
+        pass
 
 
 def test_serve_refuses_a_folder_that_is_not_a_run(cli: Any, tmp_path: Path) -> None:

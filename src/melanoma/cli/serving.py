@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,17 +22,17 @@ DEMO_MARKER = ".melanoma-demo"  # in an archive the demo made: the demo may repl
 def serve_command(
     ctx: typer.Context,
     run: RunOption,
-    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (0.0.0.0: all; default: host setting).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="TCP port (default: port setting).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (0.0.0.0: all; default: host setting).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: port setting).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Server processes; each loads its own copy of the model "
                                          "(/metrics adds up all of them).")] = 1,
     root_path: Annotated[
         str, typer.Option(help="URL prefix under which a reverse proxy publishes the server, e.g. /melanoma.")
     ] = "",
     calibration: CalibrationOption = None,
-    cross_site_run: Annotated[Optional[Path], typer.Option(help="The same model's cross-clinic run: its test "
+    cross_site_run: Annotated[Path | None, typer.Option(help="The same model's cross-clinic run: its test "
                                                            "figures appear in the model card.")] = None,
-    log_format: Annotated[Optional[LogFormat], typer.Option(help="Log lines on stderr: json (for log collectors) "
+    log_format: Annotated[LogFormat | None, typer.Option(help="Log lines on stderr: json (for log collectors) "
                                                             "or text (for a terminal); default: log_format setting.")] = None,
 ) -> None:
     """Serve a run: REST API (/v1/..., docs at /docs), playground at /ui, /metrics for Prometheus."""
@@ -50,8 +50,8 @@ def serve_command(
 def demo(
     ctx: typer.Context,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the model at the end (--no-serve: stop after the report).")] = True,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: demo_epochs setting).")] = None,
-    time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Training minutes at most (default: demo_time_limit_minutes).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: demo_epochs setting).")] = None,
+    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Training minutes at most (default: demo_time_limit_minutes).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an archive in archive_dir that the demo did not make.")] = False,
 ) -> None:
     """The whole pipeline in one go: prepare -> train (a few minutes) -> evaluate -> serve.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,8 +25,8 @@ from melanoma.errors import MelanomaError
 @app.command("ensemble")
 def ensemble_command(
     out_dir: Annotated[Path, typer.Option("--out", help="The ensemble's run folder (new, or an empty folder).")],
-    runs: Annotated[Optional[list[Path]], typer.Option("--runs", help="Member run folders.", show_default=False)] = None,
-    more_runs: Annotated[Optional[list[Path]], typer.Argument(help="More member run folders (`--runs A B C` works too).",
+    runs: Annotated[list[Path] | None, typer.Option("--runs", help="Member run folders.", show_default=False)] = None,
+    more_runs: Annotated[list[Path] | None, typer.Argument(help="More member run folders (`--runs A B C` works too).",
                                                               show_default=False)] = None,
 ) -> None:
     """Average the probabilities of trained runs (sharing classes, image size, preprocessing and
@@ -48,35 +48,35 @@ def ensemble_command(
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    archive: Annotated[Optional[Path], typer.Option(help="Archive from `melanoma prepare` (default: archive_dir setting; "
+    archive: Annotated[Path | None, typer.Option(help="Archive from `melanoma prepare` (default: archive_dir setting; "
                                                          "with --resume, the run's own archive).")] = None,
-    model: Annotated[Optional[ModelChoice], typer.Option(help="efficientnet-lite0 (default; ImageNet-pretrained), efficientnet-lite1/-lite2 (larger, ImageNet-pretrained), cnn, efficientnetb0 or mobilenetv3small.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="imagenet, none, or a .weights.h5 file (default: imagenet for backbones, none for the CNN).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum number of epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per training step.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Starting learning rate (cosine decay).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, batch order and augmentation.")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs_dir/<timestamp>-<model>).")] = None,
-    class_balance: Annotated[Optional[ClassBalanceChoice], typer.Option(help="weights (inverse frequency), sampling (balanced batches), class-source (batches balanced by class, and by source within each class) or none.")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
-    extra_augment: Annotated[Optional[bool], typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
-    vignette_augment: Annotated[Optional[bool], typer.Option("--vignette-augment/--no-vignette-augment", help="Also blacken the corners of half the training images, as many dermatoscopes do.")] = None,
-    time_limit: Annotated[Optional[float], typer.Option("--time-limit", help="Stop training after this many minutes.")] = None,
-    freeze_epochs: Annotated[Optional[int], typer.Option(help="Pretrained backbones: epochs that train the new head only.")] = None,
-    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run.")] = None,
+    model: Annotated[ModelChoice | None, typer.Option(help="efficientnet-lite0 (default; ImageNet-pretrained), efficientnet-lite1/-lite2 (larger, ImageNet-pretrained), cnn, efficientnetb0 or mobilenetv3small.")] = None,
+    weights: Annotated[str | None, typer.Option(help="imagenet, none, or a .weights.h5 file (default: imagenet for backbones, none for the CNN).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per training step.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Starting learning rate (cosine decay).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation, batch order and augmentation.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs_dir/<timestamp>-<model>).")] = None,
+    class_balance: Annotated[ClassBalanceChoice | None, typer.Option(help="weights (inverse frequency), sampling (balanced batches), class-source (batches balanced by class, and by source within each class) or none.")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
+    extra_augment: Annotated[bool | None, typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
+    vignette_augment: Annotated[bool | None, typer.Option("--vignette-augment/--no-vignette-augment", help="Also blacken the corners of half the training images, as many dermatoscopes do.")] = None,
+    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Stop training after this many minutes.")] = None,
+    freeze_epochs: Annotated[int | None, typer.Option(help="Pretrained backbones: epochs that train the new head only.")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Write TensorBoard logs into the run.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --run-dir.")] = False,
     distribute: Annotated[
-        Optional[str], typer.Option(help="data-parallel: across all devices of the job (JAX backend; "
+        str | None, typer.Option(help="data-parallel: across all devices of the job (JAX backend; "
                                     "--batch-size is then the global batch). See docs/scale-out.md.")
     ] = None,
     num_processes: Annotated[
-        Optional[int], typer.Option(envvar="KERAS_DISTRIBUTION_NUM_PROCESSES", help="Processes of a multi-process job.")
+        int | None, typer.Option(envvar="KERAS_DISTRIBUTION_NUM_PROCESSES", help="Processes of a multi-process job.")
     ] = None,
     process_id: Annotated[
-        Optional[int], typer.Option(envvar="KERAS_DISTRIBUTION_PROCESS_ID", help="This process's number, 0 to N-1 (0 writes the run).")
+        int | None, typer.Option(envvar="KERAS_DISTRIBUTION_PROCESS_ID", help="This process's number, 0 to N-1 (0 writes the run).")
     ] = None,
     coordinator: Annotated[
-        Optional[str], typer.Option(envvar="KERAS_DISTRIBUTION_JOB_ADDRESSES", help="HOST:PORT of process 0.")
+        str | None, typer.Option(envvar="KERAS_DISTRIBUTION_JOB_ADDRESSES", help="HOST:PORT of process 0.")
     ] = None,
 ) -> None:
     """Train a model on an archive; the best model by validation balanced accuracy goes to <run>/model.keras.
@@ -161,9 +161,9 @@ def evaluate_command(
     ctx: typer.Context,
     run: RunOption,
     split: Annotated[SplitChoice, typer.Option(help="Split to evaluate: test, val or train.")] = "test",
-    archive: Annotated[Optional[Path], typer.Option(help="Archive (default: the one the run was trained on).")] = None,
-    bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap samples for the confidence intervals (0: none).")] = None,
-    target_sensitivity: Annotated[Optional[float], typer.Option(help="Melanoma sensitivity that sets the threshold (on val).")] = None,
+    archive: Annotated[Path | None, typer.Option(help="Archive (default: the one the run was trained on).")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap samples for the confidence intervals (0: none).")] = None,
+    target_sensitivity: Annotated[float | None, typer.Option(help="Melanoma sensitivity that sets the threshold (on val).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips/rotations of each image (8x the time).")] = False,
     calibration: CalibrationOption = None,
 ) -> None:
@@ -230,11 +230,11 @@ def compare_command(
     ctx: typer.Context,
     runs: Annotated[list[Path], typer.Argument(help="Run folders, evaluated on the same images; the first is the baseline.")],
     split: Annotated[str, typer.Option(help="The evaluated split whose predictions are compared.")] = "test",
-    archive: Annotated[Optional[Path], typer.Option(help="Archive with the labels and lesions (default: each run's own).")] = None,
-    bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples of lesions (default: bootstrap_samples setting).")] = None,
-    min_class_images: Annotated[Optional[int], typer.Option(help="Classes with fewer images are left out of the second BMA "
+    archive: Annotated[Path | None, typer.Option(help="Archive with the labels and lesions (default: each run's own).")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples of lesions (default: bootstrap_samples setting).")] = None,
+    min_class_images: Annotated[int | None, typer.Option(help="Classes with fewer images are left out of the second BMA "
                                                                  "(default: compare_min_class_images setting).")] = None,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the comparison to a .json or .md file.")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Also write the comparison to a .json or .md file.")] = None,
 ) -> None:
     """Paired differences from the first run on the same images (melanoma AUC, BMA, BMA over
     the larger classes) with lesion-bootstrap 95% CIs, and mean ± sd over seeds. Needs no model."""
@@ -263,8 +263,8 @@ def compare_command(
 def calibrate_command(
     ctx: typer.Context,
     run: RunOption,
-    archive: Annotated[Optional[Path], typer.Option(help="Archive (default: the one the run was trained on).")] = None,
-    flag_fraction: Annotated[Optional[float], typer.Option(help="Share of validation images the out-of-distribution "
+    archive: Annotated[Path | None, typer.Option(help="Archive (default: the one the run was trained on).")] = None,
+    flag_fraction: Annotated[float | None, typer.Option(help="Share of validation images the out-of-distribution "
                                                            "gate flags (default: ood_flag_fraction setting).")] = None,
 ) -> None:
     """Fit a run's temperature (validation NLL) and out-of-distribution gate; `train` does it for new runs."""
@@ -291,7 +291,7 @@ def calibrate_command(
 @app.command("runs")
 def runs_command(
     ctx: typer.Context,
-    runs_dir: Annotated[Optional[Path], typer.Option("--dir", help="Folder of runs (default: runs_dir setting).")] = None,
+    runs_dir: Annotated[Path | None, typer.Option("--dir", help="Folder of runs (default: runs_dir setting).")] = None,
     fmt: Annotated[ListFormat, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """List every run, finished or not, with its status and key metrics, to compare experiments.

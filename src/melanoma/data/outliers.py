@@ -107,7 +107,7 @@ def corrupted(images: Sequence[np.ndarray], kind: str) -> list[np.ndarray]:
     if kind == "extreme_jpeg":
         out = []
         for image in images:
-            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, EXTREME_JPEG_QUALITY])
+            _, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, EXTREME_JPEG_QUALITY])
             out.append(cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
         return out
     raise MelanomaError(f"Unknown corruption {kind!r}: choose one of {', '.join(CORRUPTIONS)}.")

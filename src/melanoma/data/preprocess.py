@@ -385,7 +385,7 @@ def find_vignette_box(rgb: np.ndarray) -> Box | None:
 
 def _scale_box(box: Box, scale: float, shape: tuple[int, ...]) -> Box:
     height, width = shape[:2]
-    y0, y1, x0, x1 = (int(round(v * scale)) for v in box)
+    y0, y1, x0, x1 = (round(v * scale) for v in box)
     return (max(0, y0), min(height, y1), max(0, x0), min(width, x1))
 
 
@@ -544,7 +544,7 @@ def remove_hair(rgb: np.ndarray) -> np.ndarray:
     cross-shaped kernel (longer than a hair is wide, in every direction), thresholded,
     then inpainted from their surroundings."""
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    size = max(3, int(round(min(grey.shape) * HAIR_KERNEL_FRACTION)) | 1)
+    size = max(3, round(min(grey.shape) * HAIR_KERNEL_FRACTION) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_CROSS, (size, size))
     black_hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, kernel)
     _, mask = cv2.threshold(black_hat, HAIR_THRESHOLD, 255, cv2.THRESH_BINARY)

@@ -187,8 +187,8 @@ def compare_runs(runs: list[EvaluatedRun], *, samples: int, seed: int, min_class
         rows.append(row)
     return {
         "split": first.split,
-        "n_images": int(len(labels)),
-        "n_lesions": int(len(np.unique(first.groups))),
+        "n_images": len(labels),
+        "n_lesions": len(np.unique(first.groups)),
         "class_counts": dict(zip(classes, support.tolist())),
         "min_class_images": min_class_images,
         "common_classes": [name for name, kept in zip(classes, common) if kept],

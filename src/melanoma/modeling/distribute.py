@@ -230,7 +230,7 @@ def start_data_parallel(job: Job | None) -> Parallel:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         try:
             keras.distribution.initialize(job.coordinator, job.num_processes, job.process_id)
-        except Exception as exc:  # JAX raises RuntimeError/ValueError/XlaRuntimeError for a failed join
+        except Exception as exc:  # noqa: BLE001 - JAX raises RuntimeError/ValueError/XlaRuntimeError for a failed join
             where = job.coordinator or "the address from SLURM"
             raise ModelError(f"Process {job.process_id} of {job.num_processes} cannot join the job at {where}: {exc}",
                              hint="Start every process with the same --num-processes and --coordinator.") from None

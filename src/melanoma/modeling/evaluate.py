@@ -186,7 +186,7 @@ def evaluate_run(run_dir: Path, archive: Archive, split: str = "test", *, target
     classes = run.classes
     mel_index = melanoma_index(classes)
 
-    metrics: dict[str, Any] = {"split": split, "n_images": int(len(rows)), "run_id": run.run_id,
+    metrics: dict[str, Any] = {"split": split, "n_images": len(rows), "run_id": run.run_id,
                                "evaluated": utc_now(), "seed": seed,
                                "tta": tta, "temperature": temperature}
     metrics.update(classification_metrics(labels, probabilities, classes))
@@ -247,12 +247,12 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
     lines = [
         f"# Evaluation of run `{run.run_id}` on the {split} split",
         "",
-        f"{_model_summary(run)}. Archive `{archive.path}` "
+        (f"{_model_summary(run)}. Archive `{archive.path}` "
         f"(sha256 {str(archive.header.get('sha256'))[:12]}…, split seed {archive.header.get('seed')}"
         f"{', test where ' + str(archive.header.get('test_where')) if archive.header.get('test_where') else ''}): "
         f"{metrics['n_images']} images in the {split} split"
         f"{', predictions averaged over 8 flips/rotations (TTA)' if metrics.get('tta') else ''}. "
-        f"Evaluated {metrics['evaluated']}, bootstrap seed {metrics['seed']}.",
+        f"Evaluated {metrics['evaluated']}, bootstrap seed {metrics['seed']}."),
         "",
         "## Summary",
         "",
@@ -292,13 +292,13 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
             "",
             f"## Melanoma ({melanoma['class']} vs rest)",
             "",
-            f"The threshold {melanoma['threshold']:.4f} was chosen on the validation split to reach a sensitivity of "
-            f"{melanoma['target_sensitivity']:.3f}; on the {split} split it gives:",
+            (f"The threshold {melanoma['threshold']:.4f} was chosen on the validation split to reach a sensitivity of "
+            f"{melanoma['target_sensitivity']:.3f}; on the {split} split it gives:"),
             "",
             "| sensitivity | specificity | specificity at the target sensitivity | partial AUC (sens. ≥ 0.8) | melanomas | others |",
             "|---|---|---|---|---|---|",
-            f"| {fmt(melanoma['sensitivity'])} | {fmt(melanoma['specificity'])} | {fmt(melanoma['specificity_at_target'])} "
-            f"| {fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |",
+            (f"| {fmt(melanoma['sensitivity'])} | {fmt(melanoma['specificity'])} | {fmt(melanoma['specificity_at_target'])} "
+            f"| {fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |"),
         ]
     lines += subgroup_report_lines(metrics)
     lines += ["", "## Per class", "",
@@ -308,8 +308,8 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
         lines.append(f"| {name} | {row['support']} | {fmt(row['recall'])} | {fmt(row['precision'])} | "
                      f"{fmt(row['auc'])} | {fmt(row['pauc_80'])} | {fmt(row.get('ap'))} |")
     if metrics.get("ties"):
-        lines += ["", f"{metrics['ties']} image(s) had two classes tied for the top probability: counted as wrong "
-                  "(as the ISIC scorer does) and left out of the confusion matrix."]
+        lines += ["", (f"{metrics['ties']} image(s) had two classes tied for the top probability: counted as wrong "
+                  "(as the ISIC scorer does) and left out of the confusion matrix.")]
     classes = list(metrics["per_class"])
     lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
               "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
@@ -326,8 +326,8 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
         f"melanoma evaluate --run {run_dir} --split {split} --archive {archive.path}",
         "```",
         "",
-        f"Predictions in the ISIC submission format: [{metrics['predictions']}]({metrics['predictions']}); "
-        f"the ground truth in the ISIC 2019 format: [{metrics['ground_truth']}]({metrics['ground_truth']}).",
+        (f"Predictions in the ISIC submission format: [{metrics['predictions']}]({metrics['predictions']}); "
+        f"the ground truth in the ISIC 2019 format: [{metrics['ground_truth']}]({metrics['ground_truth']})."),
         "",
     ]
     return "\n".join(lines)

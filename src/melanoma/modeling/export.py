@@ -46,7 +46,7 @@ def export_model(run_dir: Path, export_format: str = "onnx") -> Path:
             with warnings.catch_warnings():  # tf2onnx's own NumPy deprecation warnings
                 warnings.simplefilter("ignore", FutureWarning)
                 model.export(str(partial), format="onnx", verbose=False)
-        except Exception as exc:  # tf2onnx raises many types for unsupported operations
+        except Exception as exc:  # noqa: BLE001 - tf2onnx raises many types for unsupported operations
             raise ModelError(f"Model {run.model_path} cannot be exported to ONNX: {exc}") from None
         _add_metadata(partial, onnx_metadata(run))
         commit(partial, target)

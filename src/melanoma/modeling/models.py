@@ -133,7 +133,7 @@ def _backbone(name: str, *, image_size: int, weights: str | Path, weights_dir: P
     if str(weights) == "imagenet":
         try:
             return build(input_shape=shape, include_top=False, weights="imagenet", name=BACKBONE_LAYER, **options)
-        except Exception as exc:  # Keras raises a bare Exception when the download fails.
+        except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception when the download fails.
             raise ModelError(
                 f"The ImageNet weights of {name} could not be downloaded ({exc}).",
                 hint=f"Without internet, use --model {EFFICIENTNET_LITE0} --weights imagenet (bundled), "

@@ -54,7 +54,7 @@ def load_keras_model(path: Path) -> Any:
 
     try:
         return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # keras raises many types (ValueError, BadZipFile, OSError ...)
+    except Exception as exc:  # noqa: BLE001 - keras raises many types (ValueError, BadZipFile, OSError ...)
         raise ModelError(f"Model file {path} cannot be loaded (corrupt or not a Keras model): {exc}") from None
 
 
@@ -299,7 +299,7 @@ def _onnx_session(run: RunInfo, *, needs_features: bool) -> Infer:
         raise ModelError(f"{run.path} has no {ONNX_FILE}.", hint=f"Create it with `melanoma export --run {run.path}`.")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
         raise ModelError(f"ONNX model {path} cannot be loaded: {exc}") from None
     model_input = session.get_inputs()[0]
     _check_model_shape(run, path, model_input.shape, session.get_outputs()[0].shape)

@@ -164,7 +164,7 @@ def read_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
             return {str(name): ref.to_numpy(name, data.get(ref.storage.key)) for name, ref in state.items()}
     except ModelError:
         raise
-    except Exception as exc:  # any malformed pickle: EOFError, UnpicklingError, TypeError ...
+    except Exception as exc:  # noqa: BLE001 - any malformed pickle: EOFError, UnpicklingError, TypeError ...
         raise ModelError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from None
 
 
@@ -239,7 +239,7 @@ def assign_torch_weights(model: keras.Model, state_dict: dict[str, np.ndarray]) 
         expected = _LAYER_TENSORS.get(layer_type, ())
         unmatched = set(tensors) - set(expected)
         if unmatched:
-            raise ModelError(f"Tensor {module}.{sorted(unmatched)[0]} matches no variable of layer {layer.name}.")
+            raise ModelError(f"Tensor {module}.{min(unmatched)} matches no variable of layer {layer.name}.")
         missing = [t for t in expected if t not in tensors]
         if missing:
             raise ModelError(f"Layer {layer.name} gets no tensor {module}.{missing[0]} from the checkpoint.")

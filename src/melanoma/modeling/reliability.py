@@ -63,7 +63,7 @@ def fit_reliability(run_dir: Path, archive: Archive, *, flag_fraction: float) ->
     calibrated = temperature_scale(val_probabilities, temperature)
     fitted = utc_now()
     calibration = {
-        "method": "temperature", "temperature": temperature, "fitted_on": "val", "n_images": int(len(val_rows)),
+        "method": "temperature", "temperature": temperature, "fitted_on": "val", "n_images": len(val_rows),
         "val_nll_before": negative_log_likelihood(val_labels, val_probabilities),
         "val_nll_after": negative_log_likelihood(val_labels, val_probabilities, temperature),
         "val_ece_before": expected_calibration_error(val_labels, val_probabilities),
@@ -77,8 +77,8 @@ def fit_reliability(run_dir: Path, archive: Archive, *, flag_fraction: float) ->
     ood = {
         "method": METHOD, "file": OOD_FILE, "features": f"input of the {HEAD_LAYER!r} layer (pooled)",
         "feature_size": int(train_features.shape[1]), "threshold": gate.threshold, "flag_fraction": flag_fraction,
-        "k": gate.k, "fitted_on": {"reference": "train", "threshold": "val"}, "n_train": int(len(train_rows)),
-        "n_val": int(len(val_rows)), "fitted": fitted,
+        "k": gate.k, "fitted_on": {"reference": "train", "threshold": "val"}, "n_train": len(train_rows),
+        "n_val": len(val_rows), "fitted": fitted,
     }
     meta = read_run_meta(run_dir)
     meta.update(calibration=calibration, ood=ood)

@@ -373,7 +373,7 @@ def _load_trainer(path: Path) -> keras.Model:
                          hint=f"Delete {path.parent} and train again.")
     try:
         return keras.models.load_model(path)
-    except Exception as exc:  # Keras raises many types for damaged files.
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for damaged files.
         raise ModelError(f"Cannot resume: {path} cannot be loaded: {exc}") from None
 
 

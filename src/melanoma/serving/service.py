@@ -202,7 +202,7 @@ class MicroBatcher:
     def _run(self, batch: list[_Job]) -> None:
         try:
             probabilities = self._predict(np.concatenate([job.images for job in batch]))
-        except Exception as exc:  # hand the failure to every waiting request
+        except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting request
             for job in batch:
                 job.future.set_exception(exc)
             return
@@ -255,7 +255,7 @@ class ModelService:
             explain.explain_lime(predictor, blank[0], num_samples=10, seed=0, top_k=1, segmentation=self.segmentation)
             if predictor.model is not None:  # Grad-CAM needs the Keras engine
                 explain.gradcam_for(predictor)(blank, [0])
-        except Exception as exc:  # predictions are still served; explain requests will say why
+        except Exception as exc:  # noqa: BLE001 - predictions are still served; explain requests will say why
             log.warning("Explanations do not work with this model: %s", exc)
         self._batcher.start()
         card = self.card()
