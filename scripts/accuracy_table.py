@@ -27,6 +27,8 @@ def _recipe(meta: dict[str, Any]) -> str:
     training = meta.get("training") or {}
     preprocess = meta.get("preprocess") or {}
     parts = [preprocess.get("resize_mode", "crop"), f"{meta.get('image_size', '?')} px"]
+    if meta.get("model", "efficientnet-lite0") != "efficientnet-lite0":
+        parts.insert(0, meta["model"])
     parts += [name for key, name in (("extra_augment", "extra augment"), ("vignette_augment", "vignette augment"))
               if training.get(key)]
     if training.get("class_balance", "weights") != "weights":
