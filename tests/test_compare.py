@@ -30,13 +30,13 @@ MEL = HAM_CLASSES.index("mel")
 
 
 def evaluated(run_id: str, probabilities: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, seed: int = 0,
-              epochs: int = 1, ids: np.ndarray | None = None) -> EvaluatedRun:
+              epochs: int = 1, ids: np.ndarray | None = None, excised: np.ndarray | None = None) -> EvaluatedRun:
     meta = {"run_id": run_id, "model": "cnn", "classes": HAM_CLASSES, "image_size": 64, "preprocess": {},
             "archive": {"sha256": "abc"}, "training": {"model": "cnn", "epochs": epochs, "seed": seed}}
     run = RunInfo(Path(run_id), meta, HAM_CLASSES, 64, PreprocessParams(image_size=64), Path(run_id) / "model.keras",
                   None)
     ids = np.array([f"ISIC_{i:07d}" for i in range(len(labels))]) if ids is None else ids
-    return EvaluatedRun(run, "test", ids, probabilities, labels, groups, tta=False)
+    return EvaluatedRun(run, "test", ids, probabilities, labels, groups, excised, tta=False)
 
 
 def fake_predictions(labels: np.ndarray, skill: float, seed: int) -> np.ndarray:
@@ -55,33 +55,48 @@ def truth() -> tuple[np.ndarray, np.ndarray]:
     return labels, groups
 
 
-def by_hand(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray) -> dict[str, float]:
-    """The three figures with scikit-learn, the images of a resample repeated ``weight`` times."""
+@pytest.fixture(scope="module")
+def excised(truth: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Every third nevus confirmed by histopathology."""
+    labels, _ = truth
+    nevi = np.flatnonzero(labels == HAM_CLASSES.index("nv"))
+    return np.isin(np.arange(len(labels)), nevi[::3])
+
+
+def by_hand(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray, excised: np.ndarray) -> dict[str, float]:
+    """The four figures with scikit-learn, the images of a resample repeated ``weight`` times."""
     kept = weight > 0
     predicted = probabilities.argmax(axis=1)
     common = [c for c in range(len(HAM_CLASSES)) if (labels == c).sum() >= 30]
     in_common = kept & np.isin(labels, common)
+    versus = kept & ((labels == MEL) | excised)
     return {
         "melanoma_auc": roc_auc_score(labels[kept] == MEL, probabilities[kept, MEL], sample_weight=weight[kept]),
+        "melanoma_vs_excised_nevi_auc": roc_auc_score(labels[versus] == MEL, probabilities[versus, MEL],
+                                                      sample_weight=weight[versus]),
         "bma": balanced_accuracy_score(labels[kept], predicted[kept], sample_weight=weight[kept]),
         "bma_common": balanced_accuracy_score(labels[in_common], predicted[in_common], sample_weight=weight[in_common]),
     }
 
 
-def test_run_scores_equal_scikit_learn_with_weights(truth: tuple[np.ndarray, np.ndarray]) -> None:
+def test_run_scores_equal_scikit_learn_with_weights(truth: tuple[np.ndarray, np.ndarray], excised: np.ndarray) -> None:
     labels, _ = truth
     probabilities = fake_predictions(labels, 1.0, seed=1)
     weight = np.random.default_rng(0).integers(0, 3, len(labels))
     common = np.bincount(labels, minlength=len(HAM_CLASSES)) >= 30
-    scores = run_scores(labels, probabilities, MEL, weight.astype(float), common)
-    for metric, value in by_hand(labels, probabilities, weight).items():
+    scores = run_scores(labels, probabilities, MEL, weight.astype(float), common, excised)
+    for metric, value in by_hand(labels, probabilities, weight, excised).items():
         assert scores[metric] == pytest.approx(value, abs=1e-12), metric
+    # Without dx_type (the ISIC Archive images) there are no excised nevi to compare with.
+    assert np.isnan(run_scores(labels, probabilities, MEL, weight.astype(float), common)["melanoma_vs_excised_nevi_auc"])
 
 
-def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tuple[np.ndarray, np.ndarray]) -> None:
+def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tuple[np.ndarray, np.ndarray],
+                                                                     excised: np.ndarray) -> None:
     labels, groups = truth
     first, second = fake_predictions(labels, 1.0, seed=1), fake_predictions(labels, 1.6, seed=2)
-    result = compare_runs([evaluated("a", first, labels, groups), evaluated("b", second, labels, groups, seed=1)],
+    result = compare_runs([evaluated("a", first, labels, groups, excised=excised),
+                           evaluated("b", second, labels, groups, seed=1, excised=excised)],
                           samples=60, seed=3, min_class_images=30)
     assert result["common_classes"] == ["akiec", "bcc", "bkl", "mel", "nv"]
     assert result["n_images"] == len(labels) and result["n_lesions"] == len(labels) // 2
@@ -89,15 +104,16 @@ def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tup
     # The documented resampling: whole lesions, with replacement, the same draws for both runs.
     lesion_of_image = np.unique(groups, return_inverse=True)[1]
     rng = np.random.default_rng(3)
-    differences: dict[str, list[float]] = {metric: [] for metric in ("melanoma_auc", "bma", "bma_common")}
+    differences: dict[str, list[float]] = {
+        metric: [] for metric in ("melanoma_auc", "melanoma_vs_excised_nevi_auc", "bma", "bma_common")}
     for _ in range(60):
         drawn = rng.integers(0, lesion_of_image.max() + 1, lesion_of_image.max() + 1)
         weight = np.bincount(drawn, minlength=lesion_of_image.max() + 1)[lesion_of_image]
-        a, b = by_hand(labels, first, weight), by_hand(labels, second, weight)
+        a, b = by_hand(labels, first, weight, excised), by_hand(labels, second, weight, excised)
         for metric, values in differences.items():
             values.append(b[metric] - a[metric])
     full = np.ones(len(labels))
-    a, b = by_hand(labels, first, full), by_hand(labels, second, full)
+    a, b = by_hand(labels, first, full, excised), by_hand(labels, second, full, excised)
     row = result["runs"][1]
     for metric, values in differences.items():
         assert row["difference"][metric]["value"] == pytest.approx(b[metric] - a[metric], abs=1e-12)
@@ -108,10 +124,11 @@ def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tup
     assert "difference" not in result["runs"][0] and result["baseline"] == "a"
 
 
-def test_a_run_against_itself_differs_by_exactly_zero(truth: tuple[np.ndarray, np.ndarray]) -> None:
+def test_a_run_against_itself_differs_by_exactly_zero(truth: tuple[np.ndarray, np.ndarray], excised: np.ndarray) -> None:
     labels, groups = truth
     probabilities = fake_predictions(labels, 1.0, seed=1)
-    result = compare_runs([evaluated("a", probabilities, labels, groups), evaluated("b", probabilities, labels, groups)],
+    result = compare_runs([evaluated("a", probabilities, labels, groups, excised=excised),
+                           evaluated("b", probabilities, labels, groups, excised=excised)],
                           samples=50, seed=0, min_class_images=30)
     for estimate in result["runs"][1]["difference"].values():
         assert estimate["value"] == 0 and estimate["ci"] == [0, 0]

@@ -30,6 +30,7 @@ from melanoma.modeling.isic import isic_columns
 from melanoma.modeling.metrics import (
     CI_LEVEL,
     class_recalls,
+    excised_nevi,
     lesion_resamples,
     melanoma_index,
     normalised,
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 # The compared figures, in table order, with their names for people.
-METRICS = {"melanoma_auc": "melanoma ROC AUC", "bma": "BMA", "bma_common": "BMA (classes with ≥ {n} images)"}
+METRICS = {"melanoma_auc": "melanoma ROC AUC", "melanoma_vs_excised_nevi_auc": "melanoma vs excised nevi AUC",
+           "bma": "BMA", "bma_common": "BMA (classes with ≥ {n} images)"}
 OUT_FORMATS = (".json", ".md")
 
 
@@ -57,6 +59,7 @@ class EvaluatedRun:
     probabilities: np.ndarray  # (N, C), rows in image_ids order
     labels: np.ndarray         # class index per image
     groups: np.ndarray         # lesion (or patient, or image) id per image
+    excised_nevi: np.ndarray | None  # nevi confirmed by histopathology (None: the archive has no dx_type)
     tta: bool | None           # from metrics.json where it describes this split
 
     @property
@@ -82,9 +85,11 @@ def load_evaluated(run_dir: Path, split: str = "test", archive_dir: Path | None 
         raise DataError(f"{path}: {len(unknown)} image id(s) are not in the archive {archive.path} "
                         f"(e.g. {', '.join(unknown[:3])}).", hint="Pass the run's own archive with --archive.")
     rows = manifest.loc[table.index]
+    labels = rows["label_index"].to_numpy(int)
+    dx_type = rows["dx_type"].to_numpy() if "dx_type" in rows.columns else None
     metrics = run.metrics or {}
-    return EvaluatedRun(run, split, table.index.to_numpy(), normalised(table.to_numpy()),
-                        rows["label_index"].to_numpy(int), rows["group_id"].astype(str).to_numpy(),
+    return EvaluatedRun(run, split, table.index.to_numpy(), normalised(table.to_numpy()), labels,
+                        rows["group_id"].astype(str).to_numpy(), excised_nevi(labels, run.classes, dx_type),
                         bool(metrics.get("tta")) if metrics.get("split") == split else None)
 
 
@@ -131,14 +136,18 @@ def check_same_images(runs: list[EvaluatedRun]) -> None:
 
 
 def run_scores(labels: np.ndarray, probabilities: np.ndarray, mel_index: int | None, weight: np.ndarray,
-               common: np.ndarray) -> dict[str, float]:
-    """Melanoma AUC, BMA and the BMA over the ``common`` classes (a boolean per class), with
-    images counted ``weight`` times (a bootstrap resample; 0 leaves an image out)."""
+               common: np.ndarray, excised: np.ndarray | None = None) -> dict[str, float]:
+    """Melanoma AUC, melanoma vs the ``excised`` nevi AUC (NaN without them), BMA and the BMA
+    over the ``common`` classes (a boolean per class), with images counted ``weight`` times (a
+    bootstrap resample; 0 leaves an image out)."""
     recalls = class_recalls(labels, probabilities.argmax(axis=1), len(common), weight)
     kept = weight > 0
+    versus = kept & ((labels == mel_index) | excised) if mel_index is not None and excised is not None else None
     return {
         "melanoma_auc": math.nan if mel_index is None else one_vs_rest_auc(
             labels[kept] == mel_index, probabilities[kept, mel_index], weight[kept]),
+        "melanoma_vs_excised_nevi_auc": math.nan if versus is None else one_vs_rest_auc(
+            labels[versus] == mel_index, probabilities[versus, mel_index], weight[versus]),
         "bma": _mean_present(recalls),
         "bma_common": _mean_present(recalls[common]),
     }
@@ -164,12 +173,13 @@ def compare_runs(runs: list[EvaluatedRun], *, samples: int, seed: int, min_class
     support = np.bincount(labels, minlength=len(classes))
     common = support >= min_class_images
     mel_index = melanoma_index(classes)
+    excised = first.excised_nevi
 
-    point = [run_scores(labels, run.probabilities, mel_index, np.ones(len(labels)), common) for run in runs]
+    point = [run_scores(labels, run.probabilities, mel_index, np.ones(len(labels)), common, excised) for run in runs]
     resampled: list[list[dict[str, float]]] = [[] for _ in runs]
     for weight in lesion_resamples(first.groups, samples, seed):
         for index, run in enumerate(runs):
-            resampled[index].append(run_scores(labels, run.probabilities, mel_index, weight, common))
+            resampled[index].append(run_scores(labels, run.probabilities, mel_index, weight, common, excised))
 
     rows = []
     for index, run in enumerate(runs):

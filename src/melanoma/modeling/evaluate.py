@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from melanoma.config import NEVUS_LABELS
 from melanoma.errors import ModelError
 from melanoma.files import utc_now, write_json, write_text
 from melanoma.modeling.calibration import temperature_scale
@@ -43,10 +42,12 @@ from melanoma.modeling.metrics import (
     calibration_scores,
     class_recalls,
     classification_metrics,
+    excised_nevi,
     finite,
     lesion_resamples,
     melanoma_index,
     melanoma_metrics,
+    nevus_index,
     normalised,
     one_vs_rest_auc,
     percentile_interval,
@@ -68,18 +69,12 @@ if TYPE_CHECKING:
 # The manifest column naming each image's source: `source` (one per data set or clinic),
 # else HAM10000's `dataset` site.
 SOURCE_COLUMNS = ("source", "dataset")
-HISTOPATHOLOGY = "histo"  # HAM10000 dx_type of a diagnosis confirmed by histopathology
 UNKNOWN_SOURCE = "unknown"
 
 
 def source_column(manifest: pd.DataFrame) -> str | None:
     """The manifest column that names each image's source, or None where there is none."""
     return next((column for column in SOURCE_COLUMNS if column in manifest.columns), None)
-
-
-def nevus_index(classes: list[str]) -> int | None:
-    """The index of the nevus class in ``classes``, or None if there is none."""
-    return next((index for index, name in enumerate(classes) if name in NEVUS_LABELS), None)
 
 
 def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], rows: pd.DataFrame, *,
@@ -115,7 +110,7 @@ def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: lis
     is_mel, is_nevus = labels == mel_index, labels == nv_index
     comparisons = {"all": is_nevus}
     if "dx_type" in rows.columns:
-        comparisons["histopathology"] = is_nevus & (rows["dx_type"].astype(str).str.strip() == HISTOPATHOLOGY).to_numpy()
+        comparisons["histopathology"] = excised_nevi(labels, classes, rows["dx_type"].to_numpy())
     versus = {}
     for name, nevi in comparisons.items():
         chosen = is_mel | nevi

@@ -30,13 +30,14 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from melanoma.config import MELANOMA_LABELS
+from melanoma.config import MELANOMA_LABELS, NEVUS_LABELS
 from melanoma.errors import ModelError
 
 ECE_BINS = 15
 PARTIAL_AUC_SENSITIVITY = 0.8
 CI_LEVEL = 0.95
 TIE = -1  # the predicted "class" of an image whose top probability is shared (ISIC: "undecided")
+HISTOPATHOLOGY = "histo"  # HAM10000 dx_type of a diagnosis confirmed by histopathology
 
 
 def melanoma_index(classes: list[str]) -> int | None:
@@ -45,6 +46,21 @@ def melanoma_index(classes: list[str]) -> int | None:
         if name in MELANOMA_LABELS:
             return index
     return None
+
+
+def nevus_index(classes: list[str]) -> int | None:
+    """The index of the nevus class in ``classes``, or None if there is none."""
+    return next((index for index, name in enumerate(classes) if name in NEVUS_LABELS), None)
+
+
+def excised_nevi(labels: np.ndarray, classes: list[str], dx_type: np.ndarray | None) -> np.ndarray | None:
+    """Which images are nevi confirmed by histopathology (``dx_type`` histo): the nevi atypical
+    enough to be excised, the hard negatives for melanoma. None where the data cannot say
+    (no nevus class, no ``dx_type``)."""
+    nv_index = nevus_index(classes)
+    if nv_index is None or dx_type is None:
+        return None
+    return (labels == nv_index) & (np.char.strip(np.asarray(dx_type, dtype=str)) == HISTOPATHOLOGY)
 
 
 def normalised(probabilities: np.ndarray) -> np.ndarray:
