@@ -108,7 +108,10 @@ class Settings(BaseSettings):
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=1)
-    class_balance: ClassBalanceChoice = "weights"
+    class_balance: ClassBalanceChoice = Field("class-source", description="How training evens out classes: class-source "
+                                              "(batches balanced by class, and by source within each class; it raised "
+                                              "melanoma vs excised nevi AUC on an unseen clinic with 3 of 3 seeds, README "
+                                              "'Accuracy across clinics'), sampling, weights or none.")
     augment: bool = True
     extra_augment: bool = Field(False, description="Also jitter aspect ratio, hue, saturation and illuminant.")
     vignette_augment: bool = Field(True, description="Also blacken the corners of half the training images "

@@ -57,7 +57,7 @@ def train_command(
     lr: Annotated[float | None, typer.Option("--lr", help="Starting learning rate (cosine decay).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation, batch order and augmentation.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs_dir/<timestamp>-<model>).")] = None,
-    class_balance: Annotated[ClassBalanceChoice | None, typer.Option(help="weights (inverse frequency), sampling (balanced batches), class-source (batches balanced by class, and by source within each class) or none.")] = None,
+    class_balance: Annotated[ClassBalanceChoice | None, typer.Option(help="class-source (default: batches balanced by class, and by source within each class), sampling (balanced batches), weights (inverse frequency in the loss) or none.")] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random flips, rotation, zoom, brightness, contrast.")] = None,
     extra_augment: Annotated[bool | None, typer.Option("--extra-augment/--no-extra-augment", help="Also jitter aspect ratio, hue, saturation and illuminant (differences between clinics).")] = None,
     vignette_augment: Annotated[bool | None, typer.Option("--vignette-augment/--no-vignette-augment", help="Also blacken the corners of half the training images, as many dermatoscopes do.")] = None,

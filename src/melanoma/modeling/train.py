@@ -5,8 +5,8 @@ in docs/architecture.md). The pieces, in the order of an epoch:
 
 - :class:`.feed.ArchiveFeed` gathers each batch's uint8 rows from the memory-mapped archive and
   casts only that batch to float32, so memory stays flat whatever the archive's size.
-  Class imbalance is handled by class weights (inverse frequency) in the loss, or by
-  sampling each class equally often.
+  Class imbalance is handled by sampling (by default each class equally often and, within a
+  class, each source equally often), or by class weights (inverse frequency) in the loss.
 - Augmentation (flips, rotation, zoom, brightness, contrast) runs inside the compiled
   training step, in a ``trainer`` model that wraps the real model; ``model.keras`` holds the
   real model only, so serving and ONNX export see no augmentation layers.
