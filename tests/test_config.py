@@ -84,7 +84,7 @@ def test_a_misspelt_environment_variable_is_named(monkeypatch: pytest.MonkeyPatc
     assert settings.image_size == 128 and settings.seed == 3
     assert [r.getMessage() for r in caplog.records] == [
         ("Warning: the environment variable MELANOMA_IMAGE_SIZ is not a setting and is ignored "
-        "(did you mean MELANOMA_IMAGE_SIZE?)."),
+         "(did you mean MELANOMA_IMAGE_SIZE?)."),
         "Warning: the environment variable MELANOMA_XYZZY is not a setting and is ignored.",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOMA_")}

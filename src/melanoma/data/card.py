@@ -99,9 +99,9 @@ def render_dataset_card(header: dict[str, Any], manifest: pd.DataFrame, skipped:
         f"# Dataset card: {Path(out).name}",
         "",
         (f"{n:,} {'SYNTHETIC ' if header.get('synthetic') else ''}dermoscopic images of {len(classes)} classes "
-        f"({', '.join(classes)}), read as a `{source}` data set from `{header.get('data_root')}`, preprocessed to "
-        f"{header['image_size']}x{header['image_size']} RGB (uint8) and split by lesion into train/val/test. "
-        f"`images.npy` holds the pixels, `manifest.csv` one row per image (same order)."),
+         f"({', '.join(classes)}), read as a `{source}` data set from `{header.get('data_root')}`, preprocessed to "
+         f"{header['image_size']}x{header['image_size']} RGB (uint8) and split by lesion into train/val/test. "
+         f"`images.npy` holds the pixels, `manifest.csv` one row per image (same order)."),
         "",
         "**Research use only.** Not for diagnosis.",
         "",
@@ -123,7 +123,7 @@ def render_dataset_card(header: dict[str, Any], manifest: pd.DataFrame, skipped:
               "", "## Preprocessing", "", preprocessing_text(header["preprocess"]), ""]
     lines += ["## Skipped and missing files", "",
               (f"{header.get('skipped', len(skipped))} image file(s) could not be used (all listed in `skipped.csv` "
-              f"with the reason); {header.get('missing', 0)} label row(s) had no image file (`missing.csv`).")]
+               f"with the reason); {header.get('missing', 0)} label row(s) had no image file (`missing.csv`).")]
     if len(skipped):
         reasons = skipped["reason"].value_counts().head(SKIP_REASONS_SHOWN)
         lines += ["", "| reason | files |", "|---|---|"]
@@ -135,7 +135,7 @@ def render_dataset_card(header: dict[str, Any], manifest: pd.DataFrame, skipped:
         "## Provenance and how to rebuild",
         "",
         (f"sha256 of `images.npy`: `{header['sha256']}`; built {header.get('created')} by melanoma "
-        f"{header.get('versions', {}).get('melanoma')} (code commit {code})."),
+         f"{header.get('versions', {}).get('melanoma')} (code commit {code})."),
         "",
         "```",
         prepare_command(header, out),

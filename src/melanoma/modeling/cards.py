@@ -34,18 +34,18 @@ DISCLAIMER = ("**Research use only.** This model is a research artefact for stud
 # models trained here; each run's own numbers are in its evaluation section.
 KNOWN_FAILURES = [
     ("**Another clinic.** Trained on the three Vienna sources of HAM10000 and tested on rosendahl (Queensland), "
-    "every model tried lost most of its skill (the default model: balanced accuracy 0.70 -> 0.42, melanoma AUC "
-    "0.89 -> 0.70). The loss is in separating melanoma from *excised* nevi: all rosendahl nevi were cut and "
-    "confirmed by histopathology (atypical enough to cut), while most Vienna nevi are follow-up images of "
-    "unremarkable moles; melanoma-vs-nevus AUC fell to near chance (0.57). Expect a model trained on one "
-    "collection to fail on atypical nevi from another."),
+     "every model tried lost most of its skill (the default model: balanced accuracy 0.70 -> 0.42, melanoma AUC "
+     "0.89 -> 0.70). The loss is in separating melanoma from *excised* nevi: all rosendahl nevi were cut and "
+     "confirmed by histopathology (atypical enough to cut), while most Vienna nevi are follow-up images of "
+     "unremarkable moles; melanoma-vs-nevus AUC fell to near chance (0.57). Expect a model trained on one "
+     "collection to fail on atypical nevi from another."),
     ("**Rare classes.** Classes with few training images (dermatofibroma, vascular lesions, actinic keratosis) "
-    "have wide confidence intervals, and their recall moves a lot between runs."),
+     "have wide confidence intervals, and their recall moves a lot between runs."),
     ("**Out of scope images.** Clinical (non-dermoscopic) photos, non-skin images, other lesion types and "
-    "images of other skin types than the training data are not recognised as such: the model always answers "
-    "with one of its classes."),
+     "images of other skin types than the training data are not recognised as such: the model always answers "
+     "with one of its classes."),
     ("**Calibration** was measured on the evaluated split only; probabilities from another clinic are "
-    "over-confident (expected calibration error 0.03 in distribution, 0.20 across clinics for the default model)."),
+     "over-confident (expected calibration error 0.03 in distribution, 0.20 across clinics for the default model)."),
 ]
 
 
@@ -111,7 +111,7 @@ def render_model_card(run_dir: Path, archive_header: dict[str, Any]) -> str:
         "## How to reproduce",
         "",
         ("With the code at the commit above and the library versions below (the repository's "
-        "`requirements.lock` pins them all):"),
+         "`requirements.lock` pins them all):"),
         "",
         "```",
         prepare_command(archive_header, recorded_archive(meta, run_dir)),
@@ -141,25 +141,25 @@ def _details(meta: dict[str, Any], versions: dict[str, Any]) -> list[str]:
         "## Model",
         "",
         (f"- Architecture: `{meta.get('model')}`, initial weights: {meta.get('weights')}; Keras "
-        f"{versions.get('keras', '?')} ({versions.get('keras_backend', '?')} backend), saved as `model.keras` "
-        "(`melanoma export` adds `model.onnx`, which describes its input in its metadata)."),
+         f"{versions.get('keras', '?')} ({versions.get('keras_backend', '?')} backend), saved as `model.keras` "
+         "(`melanoma export` adds `model.onnx`, which describes its input in its metadata)."),
         (f"- Input: {meta.get('image_size')}x{meta.get('image_size')} RGB, float32 pixel values 0..255 "
-        "(the model rescales and normalises them itself); output: softmax probabilities over the classes "
-        f"{', '.join(meta.get('classes', []))} (in this order)."),
+         "(the model rescales and normalises them itself); output: softmax probabilities over the classes "
+         f"{', '.join(meta.get('classes', []))} (in this order)."),
         (f"- Training: status {meta.get('status')}, {meta.get('epochs_done')} epoch(s) of at most {training.get('epochs')}"
-        f"{', stopped by ' + str(meta.get('stopped_by')).replace('_', ' ') if meta.get('stopped_by') else ''}, "
-        f"{float(meta.get('train_seconds', 0)) / 60:.1f} min; batch {training.get('batch_size')}, Adam lr "
-        f"{training.get('learning_rate')} with cosine decay, class balance: {training.get('class_balance')}, "
-        f"augmentation: {'on' if training.get('augment') else 'off'}, seed {training.get('seed')}. The saved model is "
-        f"the epoch with the best validation balanced accuracy (epoch {best.get('epoch')}, "
-        f"{fmt(best.get('val_bma'))})."),
+         f"{', stopped by ' + str(meta.get('stopped_by')).replace('_', ' ') if meta.get('stopped_by') else ''}, "
+         f"{float(meta.get('train_seconds', 0)) / 60:.1f} min; batch {training.get('batch_size')}, Adam lr "
+         f"{training.get('learning_rate')} with cosine decay, class balance: {training.get('class_balance')}, "
+         f"augmentation: {'on' if training.get('augment') else 'off'}, seed {training.get('seed')}. The saved model is "
+         f"the epoch with the best validation balanced accuracy (epoch {best.get('epoch')}, "
+         f"{fmt(best.get('val_bma'))})."),
         f"- Code: melanoma {versions.get('melanoma', '?')}, commit {code}.",
         "",
         "## Intended use",
         "",
         ("Research on dermoscopic skin-lesion classification: comparing models, preprocessing and training "
-        "choices, studying failure modes, calibration and explanations. Not for clinical use of any kind, "
-        "and not for images other than dermoscopic images of skin lesions."),
+         "choices, studying failure modes, calibration and explanations. Not for clinical use of any kind, "
+         "and not for images other than dermoscopic images of skin lesions."),
         "",
     ]
 
@@ -173,14 +173,14 @@ def _training_data(meta: dict[str, Any], header: dict[str, Any], licence_words: 
         "## Training data and licences",
         "",
         (f"- Data set: `{header.get('source')}` from `{header.get('data_root')}`"
-        f"{' (SYNTHETIC: no result means anything)' if header.get('synthetic') else ''}; archive `{archive.get('path')}` "
-        f"(sha256 `{str(archive.get('sha256'))[:16]}…`, described in its `DATASET_CARD.md`)."),
+         f"{' (SYNTHETIC: no result means anything)' if header.get('synthetic') else ''}; archive `{archive.get('path')}` "
+         f"(sha256 `{str(archive.get('sha256'))[:16]}…`, described in its `DATASET_CARD.md`)."),
         (f"- Images: {counts.get('train')} train, {counts.get('val')} validation, {counts.get('test')} test; "
-        f"split {split}, seed {archive.get('seed')}."),
+         f"split {split}, seed {archive.get('seed')}."),
         f"- Per class: {', '.join(f'{name} {count}' for name, count in header.get('class_counts', {}).items())}.",
         f"- Preprocessing: {preprocessing_text(meta['preprocess'])}",
         (f"- Licence of the images: {licence_words} The model was trained on them: the same terms apply to "
-        "its use (the code is MIT-licensed)."),
+         "its use (the code is MIT-licensed)."),
         "",
     ]
 
@@ -199,8 +199,8 @@ def _evaluation(meta: dict[str, Any], metrics: dict[str, Any] | None, run_dir: P
         f"## Evaluation ({kind})",
         "",
         (f"On the {metrics['split']} split: {metrics['n_images']} {where}"
-        f"{'; predictions averaged over 8 flips/rotations (TTA)' if metrics.get('tta') else ''}. "
-        f"Evaluated {metrics.get('evaluated')}; {ci_words}."),
+         f"{'; predictions averaged over 8 flips/rotations (TTA)' if metrics.get('tta') else ''}. "
+         f"Evaluated {metrics.get('evaluated')}; {ci_words}."),
         "",
         "| metric | value | 95% CI |",
         "|---|---|---|",
@@ -221,9 +221,9 @@ def _evaluation(meta: dict[str, Any], metrics: dict[str, Any] | None, run_dir: P
         "## Calibration",
         "",
         (f"Expected calibration error {fmt(metrics.get('ece'))} (top-label, 15 bins), Brier score "
-        f"{fmt(metrics.get('brier'))} (multiclass, 0..2), log loss {fmt(metrics.get('log_loss'))}, on the same "
-        f"images. Reliability diagram: `{(metrics.get('figures') or {}).get('reliability')}`; the full report: `report.md`; "
-        f"ISIC-format predictions and ground truth: `{metrics.get('predictions')}`, `{metrics.get('ground_truth')}`."),
+         f"{fmt(metrics.get('brier'))} (multiclass, 0..2), log loss {fmt(metrics.get('log_loss'))}, on the same "
+         f"images. Reliability diagram: `{(metrics.get('figures') or {}).get('reliability')}`; the full report: `report.md`; "
+         f"ISIC-format predictions and ground truth: `{metrics.get('predictions')}`, `{metrics.get('ground_truth')}`."),
         "",
     ]
     return lines
@@ -238,7 +238,7 @@ def _weak_classes(metrics: dict[str, Any] | None) -> list[str]:
     if not weakest:
         return []
     return [(f"- **This run** recognises {' and '.join(f'{name} ({recalls[name]:.2f})' for name in weakest)} least "
-            f"often (recall on the {metrics['split']} split).")]
+             f"often (recall on the {metrics['split']} split).")]
 
 
 def _eval_results(meta: dict[str, Any], metrics: dict[str, Any] | None, source: str) -> list[Any]:
@@ -248,7 +248,7 @@ def _eval_results(meta: dict[str, Any], metrics: dict[str, Any] | None, source: 
     if not metrics:
         return []
     common = {"task_type": "image-classification", "dataset_type": source,
-                  "dataset_name": f"{source} ({evaluation_kind(meta, metrics['split'])})", "dataset_split": metrics["split"]}
+              "dataset_name": f"{source} ({evaluation_kind(meta, metrics['split'])})", "dataset_split": metrics["split"]}
     values = [("balanced_accuracy", "balanced multiclass accuracy", metrics.get("bma")),
               ("roc_auc", "melanoma ROC AUC", (metrics.get("melanoma") or {}).get("auc")),
               ("roc_auc", "macro ROC AUC", metrics.get("macro_auc")),

@@ -243,11 +243,11 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
         f"# Evaluation of run `{run.run_id}` on the {split} split",
         "",
         (f"{_model_summary(run)}. Archive `{archive.path}` "
-        f"(sha256 {str(archive.header.get('sha256'))[:12]}…, split seed {archive.header.get('seed')}"
-        f"{', test where ' + str(archive.header.get('test_where')) if archive.header.get('test_where') else ''}): "
-        f"{metrics['n_images']} images in the {split} split"
-        f"{', predictions averaged over 8 flips/rotations (TTA)' if metrics.get('tta') else ''}. "
-        f"Evaluated {metrics['evaluated']}, bootstrap seed {metrics['seed']}."),
+         f"(sha256 {str(archive.header.get('sha256'))[:12]}…, split seed {archive.header.get('seed')}"
+         f"{', test where ' + str(archive.header.get('test_where')) if archive.header.get('test_where') else ''}): "
+         f"{metrics['n_images']} images in the {split} split"
+         f"{', predictions averaged over 8 flips/rotations (TTA)' if metrics.get('tta') else ''}. "
+         f"Evaluated {metrics['evaluated']}, bootstrap seed {metrics['seed']}."),
         "",
         "## Summary",
         "",
@@ -288,12 +288,12 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
             f"## Melanoma ({melanoma['class']} vs rest)",
             "",
             (f"The threshold {melanoma['threshold']:.4f} was chosen on the validation split to reach a sensitivity of "
-            f"{melanoma['target_sensitivity']:.3f}; on the {split} split it gives:"),
+             f"{melanoma['target_sensitivity']:.3f}; on the {split} split it gives:"),
             "",
             "| sensitivity | specificity | specificity at the target sensitivity | partial AUC (sens. ≥ 0.8) | melanomas | others |",
             "|---|---|---|---|---|---|",
             (f"| {fmt(melanoma['sensitivity'])} | {fmt(melanoma['specificity'])} | {fmt(melanoma['specificity_at_target'])} "
-            f"| {fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |"),
+             f"| {fmt(melanoma['pauc_80'])} | {melanoma['positives']} | {melanoma['negatives']} |"),
         ]
     lines += subgroup_report_lines(metrics)
     lines += ["", "## Per class", "",
@@ -322,7 +322,7 @@ def render_report(run: RunInfo, metrics: dict[str, Any], archive: Archive) -> st
         "```",
         "",
         (f"Predictions in the ISIC submission format: [{metrics['predictions']}]({metrics['predictions']}); "
-        f"the ground truth in the ISIC 2019 format: [{metrics['ground_truth']}]({metrics['ground_truth']})."),
+         f"the ground truth in the ISIC 2019 format: [{metrics['ground_truth']}]({metrics['ground_truth']})."),
         "",
     ]
     return "\n".join(lines)
