@@ -31,6 +31,8 @@ def _recipe(meta: dict[str, Any]) -> str:
         parts.insert(0, meta["model"])
     parts += [name for key, name in (("extra_augment", "extra augment"), ("vignette_augment", "vignette augment"))
               if training.get(key)]
+    # Class weights (the default until class-source sampling replaced it) go unnamed, as in
+    # the README rows made before; the README says so under the table.
     if training.get("class_balance", "weights") != "weights":
         parts.append(f"{training['class_balance']} balance")
     if "seed" in training:
