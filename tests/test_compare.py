@@ -20,6 +20,7 @@ from melanoma.modeling.compare import (
     run_scores,
     write_comparison,
 )
+from melanoma.modeling.metrics import within_source_auc
 from melanoma.modeling.runs import RunInfo
 
 # A resample can leave out every image of a class that is still predicted: scikit-learn says so.
@@ -30,13 +31,14 @@ MEL = HAM_CLASSES.index("mel")
 
 
 def evaluated(run_id: str, probabilities: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, seed: int = 0,
-              epochs: int = 1, ids: np.ndarray | None = None, excised: np.ndarray | None = None) -> EvaluatedRun:
+              epochs: int = 1, ids: np.ndarray | None = None, excised: np.ndarray | None = None,
+              sources: np.ndarray | None = None) -> EvaluatedRun:
     meta = {"run_id": run_id, "model": "cnn", "classes": HAM_CLASSES, "image_size": 64, "preprocess": {},
             "archive": {"sha256": "abc"}, "training": {"model": "cnn", "epochs": epochs, "seed": seed}}
     run = RunInfo(Path(run_id), meta, HAM_CLASSES, 64, PreprocessParams(image_size=64), Path(run_id) / "model.keras",
                   None)
     ids = np.array([f"ISIC_{i:07d}" for i in range(len(labels))]) if ids is None else ids
-    return EvaluatedRun(run, "test", ids, probabilities, labels, groups, excised, tta=False)
+    return EvaluatedRun(run, "test", ids, probabilities, labels, groups, excised, sources, tta=False)
 
 
 def fake_predictions(labels: np.ndarray, skill: float, seed: int) -> np.ndarray:
@@ -63,8 +65,29 @@ def excised(truth: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return np.isin(np.arange(len(labels)), nevi[::3])
 
 
-def by_hand(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray, excised: np.ndarray) -> dict[str, float]:
-    """The four figures with scikit-learn, the images of a resample repeated ``weight`` times."""
+@pytest.fixture(scope="module")
+def sources(truth: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Two clinics, each lesion in one of them."""
+    _, groups = truth
+    return np.where(np.unique(groups, return_inverse=True)[1] % 3 == 0, "rosendahl", "vidir_modern")
+
+
+def pairs_won(is_positive: np.ndarray, scores: np.ndarray, sources: np.ndarray, weight: np.ndarray) -> float:
+    """AUC as the weighted share of (positive, negative) pairs from the same source that the
+    positive wins (ties half), counted pair by pair."""
+    wins = pairs = 0.0
+    for i in np.flatnonzero(is_positive & (weight > 0)):
+        rivals = ~is_positive & (weight > 0) & (sources == sources[i])
+        pair_weight = weight[i] * weight[rivals]
+        wins += (pair_weight * ((scores[i] > scores[rivals]) + 0.5 * (scores[i] == scores[rivals]))).sum()
+        pairs += pair_weight.sum()
+    return wins / pairs
+
+
+def by_hand(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray, excised: np.ndarray,
+            sources: np.ndarray) -> dict[str, float]:
+    """The five figures with scikit-learn (the within-source AUC pair by pair), the images of
+    a resample repeated ``weight`` times."""
     kept = weight > 0
     predicted = probabilities.argmax(axis=1)
     common = [c for c in range(len(HAM_CLASSES)) if (labels == c).sum() >= 30]
@@ -72,6 +95,7 @@ def by_hand(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray, e
     versus = kept & ((labels == MEL) | excised)
     return {
         "melanoma_auc": roc_auc_score(labels[kept] == MEL, probabilities[kept, MEL], sample_weight=weight[kept]),
+        "melanoma_auc_within_sources": pairs_won(labels == MEL, probabilities[:, MEL], sources, weight),
         "melanoma_vs_excised_nevi_auc": roc_auc_score(labels[versus] == MEL, probabilities[versus, MEL],
                                                       sample_weight=weight[versus]),
         "bma": balanced_accuracy_score(labels[kept], predicted[kept], sample_weight=weight[kept]),
@@ -79,24 +103,46 @@ def by_hand(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray, e
     }
 
 
-def test_run_scores_equal_scikit_learn_with_weights(truth: tuple[np.ndarray, np.ndarray], excised: np.ndarray) -> None:
+def test_run_scores_equal_scikit_learn_with_weights(truth: tuple[np.ndarray, np.ndarray], excised: np.ndarray,
+                                                    sources: np.ndarray) -> None:
     labels, _ = truth
     probabilities = fake_predictions(labels, 1.0, seed=1)
     weight = np.random.default_rng(0).integers(0, 3, len(labels))
     common = np.bincount(labels, minlength=len(HAM_CLASSES)) >= 30
-    scores = run_scores(labels, probabilities, MEL, weight.astype(float), common, excised)
-    for metric, value in by_hand(labels, probabilities, weight, excised).items():
+    scores = run_scores(labels, probabilities, MEL, weight.astype(float), common, excised, sources)
+    for metric, value in by_hand(labels, probabilities, weight, excised, sources).items():
         assert scores[metric] == pytest.approx(value, abs=1e-12), metric
-    # Without dx_type (the ISIC Archive images) there are no excised nevi to compare with.
-    assert np.isnan(run_scores(labels, probabilities, MEL, weight.astype(float), common)["melanoma_vs_excised_nevi_auc"])
+    # Without dx_type (the ISIC Archive images) there are no excised nevi to compare with;
+    # without sources, or with one, no within-source AUC (with one it is the pooled AUC).
+    alone = run_scores(labels, probabilities, MEL, weight.astype(float), common)
+    assert np.isnan(alone["melanoma_vs_excised_nevi_auc"]) and np.isnan(alone["melanoma_auc_within_sources"])
+    one_clinic = np.full(len(labels), "rosendahl")
+    assert np.isnan(run_scores(labels, probabilities, MEL, weight.astype(float), common, excised,
+                               one_clinic)["melanoma_auc_within_sources"])
+
+
+def test_the_within_source_auc_does_not_reward_telling_sources_apart(truth: tuple[np.ndarray, np.ndarray],
+                                                                      sources: np.ndarray) -> None:
+    """A score that only knows the clinic (as a device shortcut would) ranks melanomas above
+    other lesions in the pool, where one clinic has more melanomas, but not within a clinic."""
+    labels, _ = truth
+    is_mel = labels == MEL
+    clinic = np.where(is_mel, np.arange(len(labels)) % 4 != 0, np.arange(len(labels)) % 4 == 0)
+    clinic_names = np.where(clinic, "vidir_modern", "vidir_molemax")
+    shortcut = clinic.astype(float)
+    assert roc_auc_score(is_mel, shortcut) > 0.7
+    assert within_source_auc(is_mel, shortcut, clinic_names) == pytest.approx(0.5)
+    scores = fake_predictions(labels, 1.0, seed=4)[:, MEL]
+    weight = np.random.default_rng(1).integers(1, 3, len(labels)).astype(float)
+    assert within_source_auc(is_mel, scores, sources, weight) == pytest.approx(pairs_won(is_mel, scores, sources, weight))
 
 
 def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tuple[np.ndarray, np.ndarray],
-                                                                     excised: np.ndarray) -> None:
+                                                                     excised: np.ndarray, sources: np.ndarray) -> None:
     labels, groups = truth
     first, second = fake_predictions(labels, 1.0, seed=1), fake_predictions(labels, 1.6, seed=2)
-    result = compare_runs([evaluated("a", first, labels, groups, excised=excised),
-                           evaluated("b", second, labels, groups, seed=1, excised=excised)],
+    result = compare_runs([evaluated("a", first, labels, groups, excised=excised, sources=sources),
+                           evaluated("b", second, labels, groups, seed=1, excised=excised, sources=sources)],
                           samples=60, seed=3, min_class_images=30)
     assert result["common_classes"] == ["akiec", "bcc", "bkl", "mel", "nv"]
     assert result["n_images"] == len(labels) and result["n_lesions"] == len(labels) // 2
@@ -105,15 +151,16 @@ def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tup
     lesion_of_image = np.unique(groups, return_inverse=True)[1]
     rng = np.random.default_rng(3)
     differences: dict[str, list[float]] = {
-        metric: [] for metric in ("melanoma_auc", "melanoma_vs_excised_nevi_auc", "bma", "bma_common")}
+        metric: [] for metric in ("melanoma_auc", "melanoma_auc_within_sources", "melanoma_vs_excised_nevi_auc", "bma",
+                                  "bma_common")}
     for _ in range(60):
         drawn = rng.integers(0, lesion_of_image.max() + 1, lesion_of_image.max() + 1)
         weight = np.bincount(drawn, minlength=lesion_of_image.max() + 1)[lesion_of_image]
-        a, b = by_hand(labels, first, weight, excised), by_hand(labels, second, weight, excised)
+        a, b = by_hand(labels, first, weight, excised, sources), by_hand(labels, second, weight, excised, sources)
         for metric, values in differences.items():
             values.append(b[metric] - a[metric])
     full = np.ones(len(labels))
-    a, b = by_hand(labels, first, full, excised), by_hand(labels, second, full, excised)
+    a, b = by_hand(labels, first, full, excised, sources), by_hand(labels, second, full, excised, sources)
     row = result["runs"][1]
     for metric, values in differences.items():
         assert row["difference"][metric]["value"] == pytest.approx(b[metric] - a[metric], abs=1e-12)
@@ -124,11 +171,12 @@ def test_paired_differences_and_intervals_match_a_computation_by_hand(truth: tup
     assert "difference" not in result["runs"][0] and result["baseline"] == "a"
 
 
-def test_a_run_against_itself_differs_by_exactly_zero(truth: tuple[np.ndarray, np.ndarray], excised: np.ndarray) -> None:
+def test_a_run_against_itself_differs_by_exactly_zero(truth: tuple[np.ndarray, np.ndarray], excised: np.ndarray,
+                                                      sources: np.ndarray) -> None:
     labels, groups = truth
     probabilities = fake_predictions(labels, 1.0, seed=1)
-    result = compare_runs([evaluated("a", probabilities, labels, groups, excised=excised),
-                           evaluated("b", probabilities, labels, groups, excised=excised)],
+    result = compare_runs([evaluated("a", probabilities, labels, groups, excised=excised, sources=sources),
+                           evaluated("b", probabilities, labels, groups, excised=excised, sources=sources)],
                           samples=50, seed=0, min_class_images=30)
     for estimate in result["runs"][1]["difference"].values():
         assert estimate["value"] == 0 and estimate["ci"] == [0, 0]

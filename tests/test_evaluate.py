@@ -128,6 +128,13 @@ def test_metrics_by_source_and_melanoma_against_nevi() -> None:
         if name != "unknown":  # one image: scikit-learn warns about it
             assert row["bma"] == pytest.approx(balanced_accuracy_score(labels[chosen], probabilities[chosen].argmax(axis=1)))
             assert row["melanoma_auc"] == pytest.approx(roc_auc_score(labels[chosen] == 4, probabilities[chosen, 4]))
+    # Within sources: each source's AUC weighted by its melanoma x other-lesion pairs (the
+    # one image of unknown source pairs with nothing).
+    pairs = {name: row["melanomas"] * (row["n_images"] - row["melanomas"]) for name, row in per_source["sources"].items()}
+    within = per_source["within_sources_melanoma_auc"]
+    assert within["auc"] == pytest.approx(sum(per_source["sources"][name]["melanoma_auc"] * n for name, n in pairs.items()
+                                              if n) / sum(pairs.values()))
+    assert within["ci"][0] < within["auc"] < within["ci"][1]
 
     versus = result["melanoma_vs_nevi"]
     histo_nevi = (labels == 5) & (rows["dx_type"] == "histo").to_numpy()
@@ -140,6 +147,7 @@ def test_metrics_by_source_and_melanoma_against_nevi() -> None:
 
     lines = "\n".join(subgroup_report_lines(result))
     assert "## By source (manifest column `source`)" in lines and "| rosendahl |" in lines
+    assert f"Melanoma ROC AUC within sources: {within['auc']:.3f}" in lines
     assert "| nevi confirmed by histopathology (`dx_type` histo) |" in lines
 
 

@@ -248,6 +248,7 @@ def test_cli_evaluate_and_runs_print_tables(cli, trained_run: Path, tmp_path: Pa
     assert result.code == 0, result
     assert "balanced multiclass accuracy" in result.stdout and f"{run / 'report.md'}" in result.stdout
     assert "By source" in result.stdout and "Melanoma vs histopathology-confirmed nevi" in result.stdout
+    assert "Melanoma ROC AUC within sources" in result.stdout
     listing = cli("runs", "--dir", tmp_path / "runs")
     assert listing.code == 0 and trained_run.name in listing.stdout and "complete" in listing.stdout
 

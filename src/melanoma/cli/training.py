@@ -219,6 +219,10 @@ def _print_subgroups(metrics: dict[str, Any]) -> None:
             table.add_row(name, str(row["n_images"]), str(row["melanomas"] if row["melanomas"] is not None else "–"),
                           fmt(row["bma"]), fmt(row["melanoma_auc"]))
         out.print(table)
+        within = per_source.get("within_sources_melanoma_auc")
+        if within:
+            out.print(f"Melanoma ROC AUC within sources (pairs from the same source only): {fmt(within['auc'])} "
+                      f"[{fmt_ci(within['ci'])}]", highlight=False)
     for name, row in (metrics.get("melanoma_vs_nevi") or {}).items():
         nevi = "histopathology-confirmed nevi" if name == "histopathology" else "all nevi"
         out.print(f"Melanoma vs {nevi} ({row['melanomas']} vs {row['nevi']}): ROC AUC {fmt(row['auc'])} "

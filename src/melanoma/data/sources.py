@@ -66,6 +66,10 @@ ISIC2019_TO_HAM = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AK": "akiec", "SCC":
 # ISIC 2019 lesion ids start with the collection they come from; the rest is the ISIC Archive.
 ISIC2019_LESION_SOURCES = {"HAM_": "ham10000", "BCN_": "bcn20000"}
 ISIC_ARCHIVE_SOURCE = "isic-archive"
+# The manifest column naming each image's source: `source` (one per data set or clinic),
+# else HAM10000's `dataset` site (manifests written before `source` existed).
+SOURCE_COLUMNS = ("source", "dataset")
+UNKNOWN_SOURCE = "unknown"
 # Names a label or metadata CSV must not use: the manifest (and the archive's) own columns.
 RESERVED_COLUMNS = ("label", "label_index", "group_id", "split", "path")
 
@@ -104,6 +108,15 @@ def detect_source(root: Path) -> str:
             "or one sub-folder of images per class. `melanoma download isic2019` fetches ISIC 2019."
         ),
     )
+
+
+def image_sources(manifest: pd.DataFrame) -> tuple[str, pd.Series] | None:
+    """The column that names each image's source, and each row's source ("unknown" where
+    blank); None where the manifest has no such column."""
+    column = next((name for name in SOURCE_COLUMNS if name in manifest.columns), None)
+    if column is None:
+        return None
+    return column, manifest[column].fillna(UNKNOWN_SOURCE).astype(str)
 
 
 def read_dataset(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from melanoma.data.sources import image_sources
 from melanoma.errors import DataError, MelanomaError, ModelError
 from melanoma.files import write_json
 from melanoma.modeling.isic import isic_columns
@@ -36,6 +37,7 @@ from melanoma.modeling.metrics import (
     normalised,
     one_vs_rest_auc,
     percentile_interval,
+    within_source_auc,
 )
 from melanoma.modeling.runs import RunInfo, predictions_file, read_run
 from melanoma.modeling.train_config import ADDED_LATER
@@ -44,7 +46,8 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 # The compared figures, in table order, with their names for people.
-METRICS = {"melanoma_auc": "melanoma ROC AUC", "melanoma_vs_excised_nevi_auc": "melanoma vs excised nevi AUC",
+METRICS = {"melanoma_auc": "melanoma ROC AUC", "melanoma_auc_within_sources": "melanoma AUC within sources",
+           "melanoma_vs_excised_nevi_auc": "melanoma vs excised nevi AUC",
            "bma": "BMA", "bma_common": "BMA (classes with ≥ {n} images)"}
 OUT_FORMATS = (".json", ".md")
 
@@ -60,6 +63,7 @@ class EvaluatedRun:
     labels: np.ndarray         # class index per image
     groups: np.ndarray         # lesion (or patient, or image) id per image
     excised_nevi: np.ndarray | None  # nevi confirmed by histopathology (None: the archive has no dx_type)
+    sources: np.ndarray | None  # each image's source (None: the archive names none)
     tta: bool | None           # from metrics.json where it describes this split
 
     @property
@@ -87,9 +91,11 @@ def load_evaluated(run_dir: Path, split: str = "test", archive_dir: Path | None 
     rows = manifest.loc[table.index]
     labels = rows["label_index"].to_numpy(int)
     dx_type = rows["dx_type"].to_numpy() if "dx_type" in rows.columns else None
+    named = image_sources(rows)
     metrics = run.metrics or {}
     return EvaluatedRun(run, split, table.index.to_numpy(), normalised(table.to_numpy()), labels,
                         rows["group_id"].astype(str).to_numpy(), excised_nevi(labels, run.classes, dx_type),
+                        None if named is None else named[1].to_numpy(),
                         bool(metrics.get("tta")) if metrics.get("split") == split else None)
 
 
@@ -136,8 +142,10 @@ def check_same_images(runs: list[EvaluatedRun]) -> None:
 
 
 def run_scores(labels: np.ndarray, probabilities: np.ndarray, mel_index: int | None, weight: np.ndarray,
-               common: np.ndarray, excised: np.ndarray | None = None) -> dict[str, float]:
-    """Melanoma AUC, melanoma vs the ``excised`` nevi AUC (NaN without them), BMA and the BMA
+               common: np.ndarray, excised: np.ndarray | None = None, sources: np.ndarray | None = None,
+               ) -> dict[str, float]:
+    """Melanoma AUC, the same within ``sources`` (NaN unless two or more hold melanomas and
+    other lesions), melanoma vs the ``excised`` nevi AUC (NaN without them), BMA and the BMA
     over the ``common`` classes (a boolean per class), with images counted ``weight`` times (a
     bootstrap resample; 0 leaves an image out)."""
     recalls = class_recalls(labels, probabilities.argmax(axis=1), len(common), weight)
@@ -146,6 +154,8 @@ def run_scores(labels: np.ndarray, probabilities: np.ndarray, mel_index: int | N
     return {
         "melanoma_auc": math.nan if mel_index is None else one_vs_rest_auc(
             labels[kept] == mel_index, probabilities[kept, mel_index], weight[kept]),
+        "melanoma_auc_within_sources": math.nan if mel_index is None or sources is None else within_source_auc(
+            labels[kept] == mel_index, probabilities[kept, mel_index], sources[kept], weight[kept]),
         "melanoma_vs_excised_nevi_auc": math.nan if versus is None else one_vs_rest_auc(
             labels[versus] == mel_index, probabilities[versus, mel_index], weight[versus]),
         "bma": _mean_present(recalls),
@@ -173,13 +183,14 @@ def compare_runs(runs: list[EvaluatedRun], *, samples: int, seed: int, min_class
     support = np.bincount(labels, minlength=len(classes))
     common = support >= min_class_images
     mel_index = melanoma_index(classes)
-    excised = first.excised_nevi
+    excised, sources = first.excised_nevi, first.sources
 
-    point = [run_scores(labels, run.probabilities, mel_index, np.ones(len(labels)), common, excised) for run in runs]
+    point = [run_scores(labels, run.probabilities, mel_index, np.ones(len(labels)), common, excised, sources)
+             for run in runs]
     resampled: list[list[dict[str, float]]] = [[] for _ in runs]
     for weight in lesion_resamples(first.groups, samples, seed):
         for index, run in enumerate(runs):
-            resampled[index].append(run_scores(labels, run.probabilities, mel_index, weight, common, excised))
+            resampled[index].append(run_scores(labels, run.probabilities, mel_index, weight, common, excised, sources))
 
     rows = []
     for index, run in enumerate(runs):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from melanoma.data.sources import image_sources
 from melanoma.errors import ModelError
 from melanoma.files import utc_now, write_json, write_text
 from melanoma.modeling.calibration import temperature_scale
@@ -52,6 +53,7 @@ from melanoma.modeling.metrics import (
     one_vs_rest_auc,
     percentile_interval,
     reliability_bins,
+    within_source_auc,
 )
 from melanoma.modeling.runs import (
     FIGURES_DIR,
@@ -66,21 +68,12 @@ from melanoma.modeling.runs import (
 if TYPE_CHECKING:
     from melanoma.data.archive import Archive
 
-# The manifest column naming each image's source: `source` (one per data set or clinic),
-# else HAM10000's `dataset` site.
-SOURCE_COLUMNS = ("source", "dataset")
-UNKNOWN_SOURCE = "unknown"
-
-
-def source_column(manifest: pd.DataFrame) -> str | None:
-    """The manifest column that names each image's source, or None where there is none."""
-    return next((column for column in SOURCE_COLUMNS if column in manifest.columns), None)
-
 
 def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], rows: pd.DataFrame, *,
                      samples: int, seed: int) -> dict[str, Any]:
-    """``per_source`` (images, melanomas, BMA, melanoma AUC of each source) and
-    ``melanoma_vs_nevi`` (the melanoma score's AUC against all nevi and against nevi
+    """``per_source`` (images, melanomas, BMA, melanoma AUC of each source, and the melanoma
+    AUC within sources, with its lesion-bootstrap interval, where two or more sources hold
+    melanomas and other lesions) and ``melanoma_vs_nevi`` (the melanoma score's AUC against all nevi and against nevi
     confirmed by histopathology, with lesion-bootstrap intervals of ``samples`` resamples).
 
     ``rows`` are the manifest rows of the evaluated images, in the order of ``labels``.
@@ -88,9 +81,9 @@ def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: lis
     nevus class, no ``dx_type``)."""
     result: dict[str, Any] = {}
     mel_index = melanoma_index(classes)
-    column = source_column(rows)
-    if column is not None:
-        sources = rows[column].fillna(UNKNOWN_SOURCE).astype(str).to_numpy()
+    named = image_sources(rows)
+    if named is not None:
+        column, sources = named[0], named[1].to_numpy()
         per_source = {}
         for name in sorted(set(sources)):
             chosen = sources == name
@@ -103,10 +96,17 @@ def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: lis
                 if mel_index is not None else None,
             }
         result["per_source"] = {"column": column, "sources": per_source}
-    nv_index = nevus_index(classes)
-    if mel_index is None or nv_index is None:
+    if mel_index is None:
         return result
     groups = rows["group_id"].astype(str).to_numpy()
+    if named is not None:
+        within = _auc_with_interval(labels == mel_index, probabilities[:, mel_index], groups, samples=samples,
+                                    seed=seed, strata=sources)
+        if within["auc"] is not None:
+            result["per_source"]["within_sources_melanoma_auc"] = within
+    nv_index = nevus_index(classes)
+    if nv_index is None:
+        return result
     is_mel, is_nevus = labels == mel_index, labels == nv_index
     comparisons = {"all": is_nevus}
     if "dx_type" in rows.columns:
@@ -121,14 +121,19 @@ def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: lis
 
 
 def _auc_with_interval(is_positive: np.ndarray, scores: np.ndarray, groups: np.ndarray, *, samples: int,
-                       seed: int) -> dict[str, Any]:
-    value = finite(one_vs_rest_auc(is_positive, scores))
+                       seed: int, strata: np.ndarray | None = None) -> dict[str, Any]:
+    """The AUC (within ``strata`` where given) with its lesion-bootstrap interval."""
+    def auc(weight: np.ndarray | None = None) -> float:
+        kept = slice(None) if weight is None else weight > 0
+        kept_weight = None if weight is None else weight[kept]
+        if strata is None:
+            return one_vs_rest_auc(is_positive[kept], scores[kept], kept_weight)
+        return within_source_auc(is_positive[kept], scores[kept], strata[kept], kept_weight)
+
+    value = finite(auc())
     interval = None
     if value is not None and samples > 0:
-        interval = percentile_interval([
-            one_vs_rest_auc(is_positive[weight > 0], scores[weight > 0], weight[weight > 0])
-            for weight in lesion_resamples(groups, samples, seed)
-        ], CI_LEVEL)
+        interval = percentile_interval([auc(weight) for weight in lesion_resamples(groups, samples, seed)], CI_LEVEL)
     return {"melanomas": int(is_positive.sum()), "nevi": int((~is_positive).sum()), "auc": value, "ci": interval}
 
 
@@ -143,6 +148,11 @@ def subgroup_report_lines(metrics: dict[str, Any]) -> list[str]:
         for name, row in per_source["sources"].items():
             lines.append(f"| {name} | {row['n_images']} | {_fmt_count(row['melanomas'])} | {fmt(row['bma'])} | "
                          f"{fmt(row['melanoma_auc'])} |")
+        within = per_source.get("within_sources_melanoma_auc")
+        if within:
+            lines += ["", (f"Melanoma ROC AUC within sources: {fmt(within['auc'])} {fmt_ci(within['ci'])} (melanoma "
+                           "and other lesions paired within each source only; the pooled AUC also rewards telling the "
+                           "sources apart, which a clinic's own patients never need).")]
     versus = metrics.get("melanoma_vs_nevi")
     if versus:
         names = {"all": "all nevi", "histopathology": "nevi confirmed by histopathology (`dx_type` histo)"}
