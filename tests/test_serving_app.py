@@ -4,6 +4,8 @@ run): every endpoint on real HAM10000 images, every error code, metrics and logs
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -104,6 +106,18 @@ def test_predict_matches_the_predictor(client: TestClient, predictor: Predictor,
         assert prediction["melanoma_threshold"] == pytest.approx(threshold)
         above = probabilities[melanoma] >= threshold
         assert prediction["melanoma_decision"] == ("above_threshold" if above else "below_threshold")
+
+
+def test_no_operating_point_is_served_where_it_was_chosen_with_tta(predictor: Predictor, images: list[Path]) -> None:
+    """The server predicts one view: a threshold chosen on 8-view averages does not apply."""
+    with_tta = copy.copy(predictor)
+    with_tta.run = dataclasses.replace(predictor.run, metrics={**predictor.run.metrics, "tta": True})
+    with client_with(with_tta) as client:
+        response = client.post("/v1/predict", files=[upload(images[0])])
+    assert response.status_code == 200, response.text
+    prediction = response.json()["predictions"][0]
+    assert prediction["melanoma_probability"] is not None
+    assert prediction["melanoma_threshold"] is None and prediction["melanoma_decision"] is None
 
 
 def test_explain_gradcam_returns_a_png_and_its_numbers(client: TestClient, predictor: Predictor,

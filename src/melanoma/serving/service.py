@@ -348,12 +348,14 @@ class ModelService:
         return next((i for i, name in enumerate(classes) if name in MELANOMA_LABELS), None)
 
     def melanoma_threshold(self) -> float | None:
-        """The run's melanoma operating point, where it was chosen on probabilities of the
-        temperature served (a threshold on uncalibrated probabilities means nothing on
-        calibrated ones, and the reverse)."""
+        """The run's melanoma operating point, where it was chosen on probabilities like the
+        ones served: of the same temperature (a threshold on uncalibrated probabilities means
+        nothing on calibrated ones, and the reverse) and without TTA (the server predicts
+        one view; `evaluate --tta` chooses the threshold on averages over 8)."""
         metrics = self.predictor.run.metrics or {}
         threshold = (metrics.get("melanoma") or {}).get("threshold")
-        if threshold is None or not math.isclose(float(metrics.get("temperature", 1.0)), self.predictor.temperature):
+        if threshold is None or metrics.get("tta") or \
+                not math.isclose(float(metrics.get("temperature", 1.0)), self.predictor.temperature):
             return None
         return float(threshold)
 
