@@ -93,7 +93,8 @@ class ImagePrediction(BaseModel):
         description="Probability of the melanoma class (None if the run has none)."
     )
     melanoma_threshold: float | None = Field(
-        description="The run's melanoma operating point from its evaluation (None if it was not evaluated)."
+        description="The run's melanoma operating point from its evaluation (None if it was not evaluated, or was "
+                    "evaluated with another temperature or with TTA: a threshold chosen there does not apply here)."
     )
     melanoma_decision: Literal["above_threshold", "below_threshold"] | None = Field(
         description="Whether the melanoma probability reaches the operating point: a research signal, not a diagnosis."
