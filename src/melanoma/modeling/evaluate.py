@@ -72,9 +72,9 @@ if TYPE_CHECKING:
 def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], rows: pd.DataFrame, *,
                      samples: int, seed: int) -> dict[str, Any]:
     """``per_source`` (images, melanomas, BMA, melanoma AUC of each source, and the melanoma
-    AUC within sources, with its lesion-bootstrap interval, where two or more sources hold
-    melanomas and other lesions) and ``melanoma_vs_nevi`` (the melanoma score's AUC against all nevi and against nevi
-    confirmed by histopathology, with lesion-bootstrap intervals of ``samples`` resamples).
+    AUC within sources where two or more sources hold melanomas and other lesions) and
+    ``melanoma_vs_nevi`` (the melanoma score's AUC against all nevi and against nevi
+    confirmed by histopathology); intervals from ``samples`` lesion-bootstrap resamples.
 
     ``rows`` are the manifest rows of the evaluated images, in the order of ``labels``.
     A part is left out where the data cannot give it (no source column, no melanoma or
@@ -114,15 +114,16 @@ def subgroup_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: lis
     versus = {}
     for name, nevi in comparisons.items():
         chosen = is_mel | nevi
-        versus[name] = _auc_with_interval(is_mel[chosen], probabilities[chosen, mel_index], groups[chosen],
-                                          samples=samples, seed=seed)
+        versus[name] = {"melanomas": int(is_mel.sum()), "nevi": int(nevi.sum()),
+                        **_auc_with_interval(is_mel[chosen], probabilities[chosen, mel_index], groups[chosen],
+                                             samples=samples, seed=seed)}
     result["melanoma_vs_nevi"] = versus
     return result
 
 
 def _auc_with_interval(is_positive: np.ndarray, scores: np.ndarray, groups: np.ndarray, *, samples: int,
                        seed: int, strata: np.ndarray | None = None) -> dict[str, Any]:
-    """The AUC (within ``strata`` where given) with its lesion-bootstrap interval."""
+    """``auc`` (within ``strata`` where given) and ``ci``, its lesion-bootstrap interval."""
     def auc(weight: np.ndarray | None = None) -> float:
         kept = slice(None) if weight is None else weight > 0
         kept_weight = None if weight is None else weight[kept]
@@ -134,7 +135,7 @@ def _auc_with_interval(is_positive: np.ndarray, scores: np.ndarray, groups: np.n
     interval = None
     if value is not None and samples > 0:
         interval = percentile_interval([auc(weight) for weight in lesion_resamples(groups, samples, seed)], CI_LEVEL)
-    return {"melanomas": int(is_positive.sum()), "nevi": int((~is_positive).sum()), "auc": value, "ci": interval}
+    return {"auc": value, "ci": interval}
 
 
 def subgroup_report_lines(metrics: dict[str, Any]) -> list[str]:
