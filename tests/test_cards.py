@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import DatasetCard, ModelCard
 
 from melanoma.data.archive import build_archive, open_archive
-from melanoma.data.card import DATASET_CARD_FILE, preprocessing_text
+from melanoma.data.card import DATASET_CARD_FILE, _per_source, preprocessing_text
 from melanoma.data.preprocess import PreprocessParams
 from melanoma.data.sources import read_dataset
 from melanoma.modeling.cards import write_model_card
@@ -115,6 +115,15 @@ def test_dataset_card_counts_sources_classes_and_skipped_files(ham_dir: Path, tm
     assert "centre-crop to 32x32" in text and "Shades of Gray" not in text
     assert f"--out {out} --image-size 32 --seed 0" in text and "--no-color-constancy --crop-vignette" in text
     assert archive.header["sha256"] in text
+
+
+def test_dataset_card_names_each_images_source_not_only_ham10000_sites() -> None:
+    """A multi-source archive: the ISIC Archive images have a `source` but no HAM `dataset` site."""
+    manifest = pd.DataFrame({"label": ["mel", "nv", "nv", "mel"], "dataset": ["rosendahl", "rosendahl", None, None],
+                             "source": ["rosendahl", "rosendahl", "isic-archive", "isic-archive"]})
+    table = _per_source(manifest, "ham10000+isic2019", ["mel", "nv"])
+    assert table.to_dict("index") == {"isic-archive": {"mel": 1, "nv": 1, "total": 2},
+                                      "rosendahl": {"mel": 1, "nv": 1, "total": 2}}
 
 
 @pytest.mark.parametrize("mode, words", [

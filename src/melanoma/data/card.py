@@ -14,10 +14,10 @@ from typing import Any
 
 import pandas as pd
 
+from melanoma.data.sources import image_sources
 from melanoma.files import write_text
 
 DATASET_CARD_FILE = "DATASET_CARD.md"
-SOURCE_COLUMN = "dataset"  # the clinic/collection of each image, where the reader knows it
 SKIP_REASONS_SHOWN = 10
 
 # Per data-set layout: (Hugging Face licence id, licence and citation in words).
@@ -152,7 +152,8 @@ def write_dataset_card(folder: Path, header: dict[str, Any], manifest: pd.DataFr
 
 
 def _per_source(manifest: pd.DataFrame, source: str, classes: list[str]) -> pd.DataFrame:
-    sources = manifest[SOURCE_COLUMN].fillna("unknown") if SOURCE_COLUMN in manifest else pd.Series(source, index=manifest.index)
+    named = image_sources(manifest)
+    sources = named[1] if named is not None else pd.Series(source, index=manifest.index)
     table = pd.crosstab(sources.rename("source"), manifest["label"]).reindex(columns=classes, fill_value=0)
     table["total"] = table.sum(axis=1)
     return table
