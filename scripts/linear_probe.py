@@ -11,7 +11,7 @@ images resized in the graph to --size):
   5 lesion-grouped folds: what the features can do once that clinic is seen in training.
 
 The gap between the two is the shift between clinics, measured without any fine-tuning.
-Features are cached in --cache, one file per archive, backbone and size.
+Features are cached in --cache, one file per archive content (its images' sha256), backbone and size.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rich.progress import track
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from melanoma.data.archive import Archive, open_archive
@@ -36,12 +36,11 @@ FOLDS = 5
 
 
 def features(archive: Archive, variant: str, size: int, weights_dir: Path, cache: Path) -> np.ndarray:
-    """The backbone's pooled features of every image of ``archive`` (cached)."""
-    path = cache / f"{archive.path.name}-{variant}-{size}.npy"
+    """The backbone's pooled features of every image of ``archive`` (cached by the sha256 of
+    its images, so that an archive prepared again another way is not served stale features)."""
+    path = cache / f"{archive.header['sha256'][:16]}-{variant}-{size}.npy"
     if path.is_file():
-        cached = np.load(path)
-        if len(cached) == len(archive.images):
-            return cached
+        return np.load(path)
     import keras
 
     side = archive.images.shape[1]
@@ -58,7 +57,7 @@ def features(archive: Archive, variant: str, size: int, weights_dir: Path, cache
     return pooled
 
 
-def probe(c: float) -> object:
+def probe(c: float) -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
 
 
